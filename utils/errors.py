@@ -1,0 +1,25 @@
+"""The one way a script reports bad input: a single line and a non-zero exit."""
+import functools
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the person running a script (config, data, checkpoint).
+
+    The message is one line that says what is wrong and, where it can, how to fix it.
+    Entry scripts catch it in `cli_main`, print it and exit with status 2.
+    """
+
+
+def cli_main(main):
+    """Wrap a script's main(argv) so a UserError prints one line and exits 2."""
+
+    @functools.wraps(main)
+    def wrapped(argv=None):
+        try:
+            return main(sys.argv[1:] if argv is None else argv)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapped
