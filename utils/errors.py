@@ -1,5 +1,6 @@
 """The one way a script reports bad input: a single line and a non-zero exit."""
 import functools
+import os
 import sys
 
 
@@ -16,6 +17,7 @@ def cli_main(main):
 
     @functools.wraps(main)
     def wrapped(argv=None):
+        enable_compilation_cache()
         try:
             return main(sys.argv[1:] if argv is None else argv)
         except UserError as error:
@@ -23,3 +25,13 @@ def cli_main(main):
             raise SystemExit(2) from None
 
     return wrapped
+
+
+def enable_compilation_cache():
+    """Keep compiled programs on disk so a second run (or a resumed one) starts at once."""
+    import jax
+
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "edfm", "jax"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,0 +1,164 @@
+"""Fixtures for the data tests: a local HTTP server and small generated files in every format."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import http.server
+import io
+import pickle
+import struct
+import tarfile
+import threading
+
+import numpy as np
+import pytest
+
+from data import datasets
+
+
+# ------------------------------------------------------------------------------- file writers
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX payload (type 0x08, unsigned bytes) for a uint8 array."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
+
+
+def write_idx(path, array: np.ndarray, *, gz: bool) -> None:
+    payload = idx_bytes(array)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(payload, mtime=0) if gz else payload)
+
+
+def write_fmnist_dir(directory, arrays: dict, *, gz: bool = True) -> None:
+    """arrays: role ("train_images", ...) -> array, written under the official IDX names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for role, base in datasets.FASHION_MNIST_FILES.items():
+        write_idx(directory / (base + (".gz" if gz else "")), arrays[role], gz=gz)
+
+
+def make_fmnist_arrays(n_train: int, n_test: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_labels": (np.arange(n_train) % 10).astype(np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "test_labels": (np.arange(n_test)[::-1] % 10).astype(np.uint8),
+    }
+
+
+def cifar_rows(n: int, offset: int = 0) -> np.ndarray:
+    """[n, 3072] rows in the official CHW order whose value encodes (image, channel, row, col)."""
+    i, c, y, x = np.meshgrid(np.arange(n) + offset, np.arange(3), np.arange(32), np.arange(32), indexing="ij")
+    return ((i * 11 + c * 7 + y * 3 + x) % 256).astype(np.uint8).reshape(n, 3072)
+
+
+def expected_cifar_nhwc(n: int, offset: int = 0) -> np.ndarray:
+    """What the rows of `cifar_rows` must become in NHWC."""
+    i, y, x, c = np.meshgrid(np.arange(n) + offset, np.arange(32), np.arange(32), np.arange(3), indexing="ij")
+    return ((i * 11 + c * 7 + y * 3 + x) % 256).astype(np.uint8)
+
+
+def _add_pickle(archive: tarfile.TarFile, name: str, obj) -> None:
+    data = pickle.dumps(obj, protocol=2)
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_cifar10_tarball(path, per_batch: int, n_test: int) -> None:
+    """A tiny official-format cifar-10-python.tar.gz (5 training batches + test_batch)."""
+    with tarfile.open(path, "w:gz") as archive:
+        for b in range(5):
+            rows = cifar_rows(per_batch, offset=b * per_batch)
+            labels = [int(v) for v in (np.arange(per_batch) + b * per_batch) % 10]
+            _add_pickle(archive, f"cifar-10-batches-py/data_batch_{b + 1}", {b"data": rows, b"labels": labels})
+        labels = [int(v) for v in np.arange(n_test) % 10]
+        _add_pickle(archive, "cifar-10-batches-py/test_batch", {b"data": cifar_rows(n_test, 1000), b"labels": labels})
+        _add_pickle(archive, "cifar-10-batches-py/batches.meta", {b"label_names": [b"airplane"]})
+
+
+def write_cifar100_tarball(path, n_train: int, n_test: int) -> None:
+    with tarfile.open(path, "w:gz") as archive:
+        for name, n, offset in (("train", n_train, 0), ("test", n_test, 1000)):
+            fine = [int(v) for v in (np.arange(n) * 7) % 100]
+            coarse = [int(v) for v in np.arange(n) % 20]
+            _add_pickle(
+                archive,
+                f"cifar-100-python/{name}",
+                {b"data": cifar_rows(n, offset), b"fine_labels": fine, b"coarse_labels": coarse},
+            )
+
+
+# ----------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def small_splits(monkeypatch):
+    """Shrink the registry's split sizes so generated data can be tiny.
+
+    FashionMNIST_x28: 60 / 40 / 30; CIFAR10_x32 and CIFAR100_x32: 30 / 20 / 10.
+    """
+    sizes = {"FashionMNIST_x28": (60, 40, 30), "CIFAR10_x32": (30, 20, 10), "CIFAR100_x32": (30, 20, 10)}
+    for name, (tr, va, te) in sizes.items():
+        monkeypatch.setitem(
+            datasets.DATASETS,
+            name,
+            dataclasses.replace(datasets.DATASETS[name], num_train=tr, num_val=va, num_test=te),
+        )
+    return sizes
+
+
+@pytest.fixture
+def no_system_fmnist(monkeypatch, tmp_path):
+    """No Debian copy and no payload checks, so only generated Fashion-MNIST files are seen."""
+    monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIRS", [str(tmp_path / "no-system-copy")])
+    monkeypatch.setattr(datasets, "FASHION_MNIST_PAYLOAD_SHA256", {})
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 -- the base class's signature
+        pass
+
+
+@pytest.fixture
+def http_server(monkeypatch):
+    """Serve a directory on 127.0.0.1 (a free port) from a thread; yields start(dir) -> base URL."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    servers = []
+
+    def start(directory) -> str:
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def writers():
+    """The file writers above, as a fixture (test modules do not import conftest)."""
+    import types
+
+    return types.SimpleNamespace(
+        idx_bytes=idx_bytes,
+        write_idx=write_idx,
+        write_fmnist_dir=write_fmnist_dir,
+        make_fmnist_arrays=make_fmnist_arrays,
+        cifar_rows=cifar_rows,
+        expected_cifar_nhwc=expected_cifar_nhwc,
+        write_cifar10_tarball=write_cifar10_tarball,
+        write_cifar100_tarball=write_cifar100_tarball,
+    )

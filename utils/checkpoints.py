@@ -1,0 +1,111 @@
+"""The one orbax wrapper: training checkpoints (resume, best) and exported models with sidecars.
+
+A run directory holds
+    checkpoints/<step>/   the latest train states (orbax CheckpointManager, atomic, last N kept)
+    best/<step>/          the train state with the best validation score (selection on val only)
+    model/                the exported model: arrays (orbax) + sidecar.json, loadable on its own
+An export's sidecar says what the arrays are (kind, architecture, data set, classes, seed,
+metrics), so a teacher run or a student loads without its training config.
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from utils.errors import UserError
+
+SIDECAR = "sidecar.json"
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class RunCheckpoints:
+    """Latest train states for resuming, plus the best one by a validation score."""
+
+    def __init__(self, run_dir: str, keep: int = 2, best_mode: str = "min"):
+        self.best_mode = best_mode
+        self.latest = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(run_dir, "checkpoints")),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.best = ocp.CheckpointManager(
+            os.path.abspath(os.path.join(run_dir, "best")),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=True, best_mode=best_mode,
+                best_fn=lambda metrics: metrics["score"], keep_checkpoints_without_metrics=False))
+
+    def save(self, step: int, state, meta: dict, score=None):
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self.latest.save(step, args=args)
+        if score is not None and np.isfinite(score):
+            self.best.save(step, args=args, metrics={"score": float(score)})
+
+    def wait(self):
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def _restore(self, manager, like_state):
+        step = manager.latest_step() if manager is self.latest else manager.best_step()
+        if step is None:
+            return None
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(like_state)), meta=ocp.args.JsonRestore()))
+        except Exception as error:  # orbax raises many types; name the place and the cause
+            raise UserError(f"checkpoint {manager.directory}/{step} does not match this run: "
+                            f"{str(error).splitlines()[0][:200]}") from None
+        return restored.state, restored.meta
+
+    def restore_latest(self, like_state):
+        """(state, meta) of the newest checkpoint, or None when there is none."""
+        return self._restore(self.latest, like_state)
+
+    def restore_best(self, like_state):
+        return self._restore(self.best, like_state)
+
+    def close(self):
+        self.wait()
+        self.latest.close()
+        self.best.close()
+
+
+def save_export(directory: str, arrays, sidecar: dict):
+    """Write arrays (a dict pytree) and a JSON sidecar; refuses to overwrite an export."""
+    if os.path.exists(os.path.join(directory, SIDECAR)):
+        raise UserError(f"{directory} already holds an exported model; not overwriting it")
+    os.makedirs(directory, exist_ok=True)
+    arrays = jax.tree.map(np.asarray, arrays)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(os.path.join(directory, "arrays")), arrays)
+    # The sidecar is written last, so its presence marks a complete export.
+    with open(os.path.join(directory, SIDECAR), "w") as f:
+        json.dump(sidecar, f, indent=1, default=float)
+
+
+def read_sidecar(directory: str, kind: str | None = None) -> dict:
+    path = os.path.join(directory, SIDECAR)
+    if not os.path.exists(path):
+        raise UserError(f"{directory} is not an exported model: {SIDECAR} is missing")
+    try:
+        with open(path) as f:
+            sidecar = json.load(f)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is corrupt: {error}") from None
+    if kind is not None and sidecar.get("kind") != kind:
+        raise UserError(f"{path} holds a {sidecar.get('kind')!r}, expected a {kind!r}")
+    return sidecar
+
+
+def load_export(directory: str, kind: str | None = None):
+    """(arrays as NumPy, sidecar) of an export written by `save_export`."""
+    sidecar = read_sidecar(directory, kind)
+    path = os.path.abspath(os.path.join(directory, "arrays"))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            arrays = checkpointer.restore(path)
+    except Exception as error:
+        raise UserError(f"cannot read the arrays of {directory}: {str(error).splitlines()[0][:200]}") from None
+    return jax.tree.map(np.asarray, arrays), sidecar

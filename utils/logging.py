@@ -1,0 +1,55 @@
+"""Run logging: a line on the console, `metrics.jsonl` in the run directory, W&B when asked."""
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def _plain(value):
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.item() if np.ndim(value) == 0 else value.tolist()
+    return value
+
+
+def format_metrics(metrics: dict, digits: int = 4) -> str:
+    return "  ".join(f"{k}={v:.{digits}g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in metrics.items())
+
+
+class RunLogger:
+    def __init__(self, run_dir: str, config=None, use_wandb: bool = False, quiet: bool = False):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.quiet = quiet
+        self.wandb_run = None
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                print("wandb is not installed (pip install -e '.[wandb]'); logging locally only",
+                      file=sys.stderr)
+            else:
+                self.wandb_run = wandb.init(
+                    project=getattr(config, "wandb_project", "edfm"),
+                    name=getattr(config, "exp_name", None), dir=run_dir,
+                    config=dataclasses.asdict(config) if config is not None else None,
+                    resume="allow")
+
+    def log(self, record: dict):
+        record = {k: _plain(v) for k, v in record.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if not self.quiet:
+            print(format_metrics(record), flush=True)
+        if self.wandb_run is not None:
+            self.wandb_run.log(record, step=record.get("step"))
+
+    def close(self):
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

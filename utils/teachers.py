@@ -1,0 +1,124 @@
+"""Teacher ensembles: R MultiSWAG runs loaded as one stacked set of moments, one vmapped forward.
+
+A teacher folder holds one or more runs written by `sgd_swag.py`, each `<run>/model/` with the
+SWAG mean, second moment and a sidecar. `load_teachers(folder)` stacks the runs' means and
+standard deviations on a leading axis R. Members are then drawn inside jitted code:
+
+    member_params = draw_members(key, moments, num_members)     # [M, ...], balanced over runs
+    logits = ensemble_logits(model, member_params, images)       # [M, B, K], one compiled call
+
+Each draw takes fresh SWAG noise, and each run appears ⌊M/R⌋ or ⌈M/R⌉ times, the runs that get
+the extra members being drawn at random per call. This fixes the reference's [Q3], which fixed
+the run of every slot once, at trace time (EDFM then distilled a single run).
+"""
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.resnet import ResNet, resnet_from_spec
+from models.swag import swag_std
+from utils.checkpoints import SIDECAR, load_export
+from utils.errors import UserError
+
+TEACHER_KIND = "swag_teacher"
+
+
+@dataclasses.dataclass
+class TeacherEnsemble:
+    model: ResNet
+    moments: dict  # {"mean": params stacked [R, ...], "std": params stacked [R, ...]}
+    runs: list  # the run directories, in stacking order
+    sidecars: list
+
+    @property
+    def num_runs(self) -> int:
+        return len(self.runs)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+
+def find_teacher_runs(folder: str) -> list[str]:
+    """The run directories under `folder` (or `folder` itself when it is one run)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"teacher folder {folder} does not exist; train teachers with sgd_swag.py "
+                        f"or point teacher_dir at checkpoints_teacher/<data>")
+    if os.path.exists(os.path.join(folder, "model", SIDECAR)):
+        return [folder]
+    runs = sorted(os.path.join(folder, d) for d in os.listdir(folder)
+                  if os.path.exists(os.path.join(folder, d, "model", SIDECAR)))
+    if not runs:
+        raise UserError(f"no teacher run in {folder}: expected <run>/model/{SIDECAR} written by sgd_swag.py")
+    return runs
+
+
+def load_teachers(folder: str, data_name: str | None = None, dtype=jnp.float32) -> TeacherEnsemble:
+    runs = find_teacher_runs(folder)
+    means, stds, sidecars = [], [], []
+    for run in runs:
+        arrays, sidecar = load_export(os.path.join(run, "model"), kind=TEACHER_KIND)
+        if sidecar["model"] != (sidecars[0]["model"] if sidecars else sidecar["model"]):
+            raise UserError(f"teacher run {run} has another architecture than {runs[0]}")
+        if data_name is not None and sidecar["data_name"] != data_name:
+            raise UserError(f"teacher run {run} was trained on {sidecar['data_name']}, not {data_name}")
+        means.append(arrays["mean"])
+        stds.append(swag_std(arrays["mean"], arrays["params2"]))
+        sidecars.append(sidecar)
+    stack = lambda trees: jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
+    model = resnet_from_spec(sidecars[0]["model"], dtype=dtype)
+    return TeacherEnsemble(model, {"mean": stack(means), "std": stack(stds)}, runs, sidecars)
+
+
+def balanced_runs(key, num_members: int, num_runs: int):
+    """Run index of each member: every run ⌊M/R⌋ or ⌈M/R⌉ times, extras to random runs."""
+    return jax.random.permutation(key, num_runs)[jnp.arange(num_members) % num_runs]
+
+
+def members_from_runs(key, moments, run_index, scale: float = 1.0):
+    """Diagonal SWAG samples θ_m = mean[r_m] + scale·std[r_m]⊙ξ_m, stacked [M, ...]."""
+    leaves, treedef = jax.tree.flatten(moments["mean"])
+    keys = jax.random.split(key, len(leaves))
+    std_leaves = treedef.flatten_up_to(moments["std"])
+
+    def sample(leaf_key, mean, std):
+        mean, std = mean[run_index], std[run_index]
+        return mean + scale * std * jax.random.normal(leaf_key, mean.shape, mean.dtype)
+
+    return jax.tree.unflatten(treedef, [sample(k, m, s) for k, m, s in zip(keys, leaves, std_leaves)])
+
+
+def draw_members(key, moments, num_members: int, scale: float = 1.0):
+    """M fresh SWAG samples balanced across the R runs (jittable)."""
+    num_runs = jax.tree.leaves(moments["mean"])[0].shape[0]
+    run_key, noise_key = jax.random.split(key)
+    return members_from_runs(noise_key, moments, balanced_runs(run_key, num_members, num_runs), scale)
+
+
+def fixed_members(key, moments, samples_per_run: int, scale: float = 1.0):
+    """The R×S evaluation ensemble: S samples of each run, run-major order."""
+    num_runs = jax.tree.leaves(moments["mean"])[0].shape[0]
+    return members_from_runs(key, moments, jnp.repeat(jnp.arange(num_runs), samples_per_run), scale)
+
+
+def members_per_pass() -> int | None:
+    """How many members one compiled pass runs at once: all of them (vmap) on an accelerator,
+    one after another on CPU, where a vmapped convolution with per-member kernels becomes a
+    grouped convolution about 8x slower than running the members in sequence (bench/)."""
+    return 1 if jax.default_backend() == "cpu" else None
+
+
+def ensemble_logits(model, member_params, images, chunk: int | None = -1):
+    """Logits [M, B, K] of M stacked parameter sets on one batch, in one compiled call.
+
+    `chunk` members are vmapped together and chunks run in sequence (lax.map); None vmaps all
+    M at once; the default picks by backend (`members_per_pass`).
+    """
+    chunk = members_per_pass() if chunk == -1 else chunk
+    apply = lambda params: model.apply({"params": params}, images)
+    if chunk is None:
+        return jax.vmap(apply)(member_params)
+    return jax.lax.map(apply, member_params, batch_size=chunk)

@@ -1,0 +1,261 @@
+"""The shared trainer: one jitted, data-parallel step for every method.
+
+A method hands over
+    loss_fn(params, model_state, frozen, batch, key) -> (loss, (model_state, metrics))
+    eval_fn(state, frozen, batch, key) -> {name: per-example values [B]}
+where `batch = {"images": uint8 [B,H,W,C], "labels": int32 [B], "mask": bool [B]}` (mask is
+False on the padding of a last, short batch) and `frozen` is everything the method reads but does
+not train (teacher moments, a frozen backbone), passed as an argument rather than captured, so
+that it is not baked into the compiled program as a constant.
+
+Parallelism: a 1-D `data` mesh over the devices; parameters, optimizer state and the data set are
+replicated, each batch is sharded along `data`. The training set sits on the devices as uint8 and
+each step gathers its rows by index inside the jitted step. Every host computes the same global
+index vector, and each device receives only its slice of it (`make_array_from_callback`), which
+is also how several hosts each feed only their part of a global batch.
+
+Randomness: the step key is fold_in(PRNGKey(seed), step), so a resumed run draws exactly what an
+uninterrupted one would. The epoch's order is a NumPy permutation seeded by (seed, epoch).
+"""
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from utils.checkpoints import RunCheckpoints
+from utils.errors import UserError
+from utils.logging import RunLogger
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    model_state: Any  # non-trained collections (BatchNorm statistics); {} for FRN nets
+    opt_state: Any
+    ema_params: Any = None  # an exponential moving average of params, when asked for
+
+    @classmethod
+    def create(cls, params, optimizer, model_state=None, ema: bool = False):
+        return cls(step=jnp.zeros([], jnp.int32), params=params, model_state=model_state or {},
+                   opt_state=optimizer.init(params),
+                   ema_params=jax.tree.map(jnp.copy, params) if ema else None)
+
+    @property
+    def eval_params(self):
+        return self.params if self.ema_params is None else self.ema_params
+
+
+def make_mesh(devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh):
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def to_global(host_array: np.ndarray, sharding) -> jax.Array:
+    """A global array from a host array every process holds; each device reads only its slice."""
+    host_array = np.asarray(host_array)
+    return jax.make_array_from_callback(host_array.shape, sharding, lambda index: host_array[index])
+
+
+def put_replicated(tree, mesh):
+    return jax.tree.map(lambda x: to_global(np.asarray(x), replicated(mesh)), tree)
+
+
+def masked_mean(values, mask):
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int):
+    """Shuffled indices padded to whole batches, and the mask of real rows: [S, B] each."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    num_batches = math.ceil(num_examples / batch_size)
+    padded = np.zeros(num_batches * batch_size, np.int32)
+    padded[:num_examples] = order
+    mask = np.arange(num_batches * batch_size) < num_examples
+    return padded.reshape(num_batches, batch_size), mask.reshape(num_batches, batch_size)
+
+
+def make_train_step(loss_fn, optimizer, seed: int, ema_decay: float, mesh):
+    data_sharding = batch_sharded(mesh)
+
+    def train_step(state: TrainState, frozen, images, labels, indices, mask):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+        batch = {"images": images[indices], "labels": labels[indices], "mask": mask}
+        batch = jax.lax.with_sharding_constraint(batch, data_sharding)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, frozen,
+                                                        batch, key)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = state.ema_params
+        if ema_params is not None:
+            ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                                  opt_state=opt_state, ema_params=ema_params)
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0, out_shardings=replicated(mesh))
+
+
+def jit_batch_fn(fn, mesh):
+    """Jit a per-batch function `fn(args, batch, key)` once, replicating its outputs.
+
+    The jitted function takes (args, batch, key, batch_index) and folds the index into the key
+    on the device (an eager fold_in per batch costs more than the batch itself on CPU).
+    """
+    return jax.jit(lambda args, batch, key, index: fn(args, batch, jax.random.fold_in(key, index)),
+                   out_shardings=replicated(mesh))
+
+
+def map_batches(jitted_fn, args, images: np.ndarray, labels: np.ndarray, *, batch_size: int, mesh,
+                key=None, desc: Optional[str] = None):
+    """Apply `jit_batch_fn(fn)`, fn(args, batch, key) -> pytree of [B, ...], over a data set.
+
+    Returns the outputs for the real rows only, as NumPy arrays [N, ...]. The last batch is
+    padded (mask False) so every call has the same shape and compiles once.
+    """
+    num_examples = len(images)
+    if batch_size % mesh.size:
+        raise UserError(f"batch size {batch_size} is not a multiple of the {mesh.size} devices")
+    key = jax.random.PRNGKey(0) if key is None else key
+    sharding = batch_sharded(mesh)
+    outputs = []
+    starts = range(0, num_examples, batch_size)
+    for batch_index, start in enumerate(tqdm(starts, desc=desc, leave=False, disable=desc is None)):
+        stop = min(start + batch_size, num_examples)
+        rows = np.concatenate([np.arange(start, stop), np.zeros(batch_size - (stop - start), np.int64)])
+        batch = {"images": to_global(images[rows], sharding),
+                 "labels": to_global(labels[rows].astype(np.int32), sharding),
+                 "mask": to_global(np.arange(batch_size) < stop - start, sharding)}
+        outputs.append((jitted_fn(args, batch, key, batch_index), stop - start))
+    # Fetch only after every batch is dispatched, so host transfers overlap device work.
+    outputs = [jax.tree.map(lambda x, n=n: np.asarray(x)[:n], out) for out, n in outputs]
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
+def make_evaluator(eval_fn, mesh):
+    """`evaluate(state, frozen, split, batch_size, key)` -> means of eval_fn's per-example values."""
+    jitted = jit_batch_fn(lambda args, batch, key: eval_fn(args[0], args[1], batch, key), mesh)
+
+    def evaluate(state, frozen, split, *, batch_size, key=None, desc=None) -> dict:
+        per_example = map_batches(jitted, (state, frozen), split.images, split.labels,
+                                  batch_size=batch_size, mesh=mesh, key=key, desc=desc)
+        return {name: float(np.mean(values)) for name, values in per_example.items()}
+
+    return evaluate
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Runs a method's loss over epochs: shuffling, stepping, validation, checkpoints, logs."""
+
+    run_dir: str
+    optimizer: optax.GradientTransformation
+    loss_fn: Callable
+    eval_fn: Callable
+    seed: int
+    batch_size: int
+    num_epochs: int
+    mesh: Mesh = None
+    select_metric: Optional[str] = "nll"  # validation metric that picks the best checkpoint
+    select_mode: str = "min"
+    ema_decay: float = 0.0
+    eval_every: int = 1
+    log_every: int = 50
+    keep_checkpoints: int = 2
+    lr_schedule: Optional[Callable] = None  # only to log the learning rate
+    logger: Optional[RunLogger] = None
+
+    def __post_init__(self):
+        self.mesh = make_mesh() if self.mesh is None else self.mesh
+        if self.batch_size % self.mesh.size:
+            raise UserError(f"optim_bs {self.batch_size} must be a multiple of the "
+                            f"{self.mesh.size} devices")
+        self.logger = self.logger or RunLogger(self.run_dir)
+        self.checkpoints = RunCheckpoints(self.run_dir, keep=self.keep_checkpoints,
+                                          best_mode=self.select_mode)
+        self._train_step = make_train_step(self.loss_fn, self.optimizer, self.seed,
+                                           self.ema_decay, self.mesh)
+        self.evaluate = make_evaluator(self.eval_fn, self.mesh)
+        self.last_val = {}  # the latest validation metrics
+
+    def steps_per_epoch(self, num_examples: int) -> int:
+        return math.ceil(num_examples / self.batch_size)
+
+    def fit(self, state: TrainState, train, val, frozen=None) -> TrainState:
+        """Train from `state`, or from the run's latest checkpoint when there is one."""
+        start_epoch = 0
+        restored = self.checkpoints.restore_latest(state)
+        if restored is not None:
+            state, meta = restored
+            start_epoch = meta["epoch"]
+            self.last_val = {k[4:]: v for k, v in meta.items() if k.startswith("val/")}
+            print(f"resuming {self.run_dir} from epoch {start_epoch} (step {int(state.step)})")
+        state = put_replicated(state, self.mesh)
+        frozen = put_replicated(frozen, self.mesh)
+        images = to_global(train.images, replicated(self.mesh))
+        labels = to_global(train.labels.astype(np.int32), replicated(self.mesh))
+        for epoch in range(start_epoch, self.num_epochs):
+            state, record = self._run_epoch(state, frozen, images, labels, len(train.images), epoch)
+            score = None
+            if val is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.num_epochs):
+                val_key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), epoch)
+                val_metrics = self.evaluate(state, frozen, val, batch_size=self.batch_size, key=val_key)
+                record.update({f"val/{k}": v for k, v in val_metrics.items()})
+                self.last_val = val_metrics
+                if self.select_metric is not None:
+                    score = val_metrics[self.select_metric]
+            self.logger.log(record)
+            self.checkpoints.save(int(state.step), state, {"epoch": epoch + 1, **record}, score=score)
+        self.checkpoints.wait()
+        return state
+
+    def _run_epoch(self, state, frozen, images, labels, num_examples, epoch):
+        indices, masks = epoch_order(self.seed, epoch, num_examples, self.batch_size)
+        sums, start = None, time.perf_counter()
+        bar = tqdm(range(len(indices)), desc=f"epoch {epoch + 1}/{self.num_epochs}", leave=False)
+        for i in bar:
+            state, metrics = self._train_step(
+                state, frozen, images, labels, to_global(indices[i], batch_sharded(self.mesh)),
+                to_global(masks[i], batch_sharded(self.mesh)))
+            sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+            if (i + 1) % self.log_every == 0 or i + 1 == len(indices):
+                means = {k: float(v) / (i + 1) for k, v in sums.items()}
+                self._check_finite(means, state, epoch)
+                bar.set_postfix(loss=f"{means['loss']:.4g}")
+        step = int(state.step)
+        record = {"epoch": epoch + 1, "step": step,
+                  **{f"train/{k}": float(v) / len(indices) for k, v in sums.items()},
+                  "time/epoch_s": round(time.perf_counter() - start, 3)}
+        if self.lr_schedule is not None:
+            record["train/lr"] = float(self.lr_schedule(step))
+        return state, record
+
+    def _check_finite(self, means, state, epoch):
+        if all(np.isfinite(v) for v in means.values()):
+            return
+        self.checkpoints.wait()
+        last = self.checkpoints.latest.latest_step()
+        kept = (f"the last good checkpoint (step {last}) is kept in {self.run_dir}/checkpoints"
+                if last is not None else "no checkpoint was written yet")
+        bad = {k: v for k, v in means.items() if not np.isfinite(v)}
+        raise UserError(f"training stopped in epoch {epoch + 1} at step {int(state.step)}: "
+                        f"non-finite {bad}; {kept}; lower optim_lr or check the data")
