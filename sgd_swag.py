@@ -25,7 +25,7 @@ from utils.checkpoints import save_export
 from utils.config import CommonConfig, parse_config, prepare_run_dir
 from utils.errors import UserError, cli_main
 from utils.logging import RunLogger
-from utils.teachers import TEACHER_KIND, ensemble_logits, members_from_runs
+from utils.teachers import TEACHER_KIND, ensemble_logits, members_from_runs, teacher_predictor
 from utils.trainer import Trainer, TrainState, masked_mean
 
 
@@ -140,6 +140,11 @@ def export_teacher(run_dir, config, model, state, val_metrics):
     else:
         arrays = {"params": state.params, "model_state": state.model_state}
     save_export(os.path.join(run_dir, "model"), arrays, sidecar)
+
+
+def load_predictor(model_dir, samples_per_run: int = 3, seed: int = 0):
+    """Predict with one teacher run (its `model/` export): S SWAG samples."""
+    return teacher_predictor(os.path.dirname(os.path.abspath(model_dir)), samples_per_run, seed)
 
 
 @cli_main

@@ -669,3 +669,17 @@ def mixup(
     out_images = jnp.where(apply, mixed.astype(images.dtype), images)
     out_labels = jnp.where(apply, mixed_labels, labels)
     return out_images, out_labels
+
+
+def student_pipeline(key, batch, *, mixup_alpha: float, randaugment: bool = True,
+                     crop_padding: int = 4, flip: bool = True):
+    """The distillation students' input pipeline (spec §1), per image with its own key:
+    RandAugment(2, 9) → zero-pad crop → horizontal flip → /255 → mixup over the batch.
+
+    `batch` is the trainer's {"images": uint8, "labels", "mask"}; returns (images, labels), the
+    labels being mixup's dominant ones. Teachers and students all see the same mixed images.
+    """
+    augment_key, mixup_key = jax.random.split(key)
+    images = augment_batch(augment_key, batch["images"], randaugment=randaugment,
+                           crop_padding=crop_padding, flip=flip)
+    return mixup(mixup_key, images, batch["labels"], batch["mask"], mixup_alpha)

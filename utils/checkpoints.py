@@ -109,3 +109,22 @@ def load_export(directory: str, kind: str | None = None):
     except Exception as error:
         raise UserError(f"cannot read the arrays of {directory}: {str(error).splitlines()[0][:200]}") from None
     return jax.tree.map(np.asarray, arrays), sidecar
+
+
+def save_resnet(directory: str, model, params, model_state, **info):
+    """Export a zoo network (a KD student, a plain teacher) so it loads without its config."""
+    from models.resnet import resnet_spec
+
+    sidecar = {"kind": "resnet", "model": resnet_spec(model), "num_classes": model.num_classes, **info}
+    save_export(directory, {"params": params, "model_state": model_state}, sidecar)
+
+
+def load_resnet(directory: str, dtype=None):
+    """(model, variables, sidecar) of an exported zoo network."""
+    import jax.numpy as jnp
+
+    from models.resnet import resnet_from_spec
+
+    arrays, sidecar = load_export(directory, kind="resnet")
+    model = resnet_from_spec(sidecar["model"], dtype=dtype or jnp.float32)
+    return model, {"params": arrays["params"], **arrays.get("model_state", {})}, sidecar

@@ -122,3 +122,20 @@ def ensemble_logits(model, member_params, images, chunk: int | None = -1):
     if chunk is None:
         return jax.vmap(apply)(member_params)
     return jax.lax.map(apply, member_params, batch_size=chunk)
+
+
+def teacher_predictor(folder: str, samples_per_run: int = 3, seed: int = 0):
+    """The evaluation ensemble: R runs × S SWAG samples, drawn once with a fixed key."""
+    from utils.predict import Predictor, count_params
+
+    teachers = load_teachers(folder)
+    members = jax.jit(fixed_members, static_argnums=2)(jax.random.PRNGKey(seed), teachers.moments,
+                                                       samples_per_run)
+    num_members = teachers.num_runs * samples_per_run
+
+    def member_logits(member_params, images, key):
+        return jnp.moveaxis(ensemble_logits(teachers.model, member_params, images), 0, 1)
+
+    return Predictor(name=f"Teacher ({teachers.num_runs}x{samples_per_run})", kind=TEACHER_KIND,
+                     member_logits=member_logits, args=members, num_members=num_members,
+                     num_params=count_params(members), sidecar=teachers.sidecars[0])

@@ -197,6 +197,11 @@ class Trainer:
         self.evaluate = make_evaluator(self.eval_fn, self.mesh)
         self.last_val = {}  # the latest validation metrics
 
+    def best_state(self, like_state):
+        """The train state with the best validation score (None when none was selected)."""
+        restored = self.checkpoints.restore_best(like_state)
+        return None if restored is None else restored[0]
+
     def steps_per_epoch(self, num_examples: int) -> int:
         return math.ceil(num_examples / self.batch_size)
 
