@@ -135,8 +135,8 @@ def resnet_from_config(config, num_classes: int, pixel_mean, pixel_std, *, noise
     """Build the zoo member named by the config's model_* keys (reference key names)."""
     norm, activation = parse_style(config.model_style)
     return ResNet(num_classes=num_classes, depth=config.model_depth, width=config.model_width,
-                  planes=config.model_planes, norm=norm, activation=activation,
-                  conv_bias=not config.model_nobias, pixel_mean=tuple(pixel_mean),
+                  planes=config.model_planes, stem_planes=config.model_stem_planes, norm=norm,
+                  activation=activation, conv_bias=not config.model_nobias, pixel_mean=tuple(pixel_mean),
                   pixel_std=tuple(pixel_std), noise_std=noise_std, dtype=dtype)
 
 

@@ -43,6 +43,7 @@ class CommonConfig:
     model_depth: int = 32
     model_width: int = 2
     model_planes: int = 16
+    model_stem_planes: Optional[int] = None  # stem channels; default model_planes (resnet32x4: 32)
     model_nobias: bool = False
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     # Optimisation
@@ -87,6 +88,11 @@ def _coerce(key, value, annotation):
         return _coerce(key, value, annotation)
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if annotation in (int, bool, str) and type(value) is annotation:

@@ -107,7 +107,7 @@ def make_train_step(loss_fn, optimizer, seed: int, ema_decay: float, mesh):
         ema_params = state.ema_params
         if ema_params is not None:
             ema_params = optax.incremental_update(params, ema_params, 1.0 - ema_decay)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
         new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                                   opt_state=opt_state, ema_params=ema_params)
         return new_state, metrics

@@ -1,5 +1,14 @@
-"""Fixtures for the data tests: a local HTTP server and small generated files in every format."""
-from __future__ import annotations
+"""Test set-up: 4 simulated CPU devices, the repository root on the import path."""
+import os
+import sys
+
+# Must be set before JAX initialises its backends: tests compare 1, 2 and 4 devices.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 import dataclasses
 import functools
@@ -162,3 +171,28 @@ def writers():
         write_cifar10_tarball=write_cifar10_tarball,
         write_cifar100_tarball=write_cifar100_tarball,
     )
+
+
+@pytest.fixture
+def fake_fmnist_root(tmp_path, monkeypatch, no_system_fmnist):
+    """A generated Fashion-MNIST data root (train/val/test 256/64/64) that models can learn:
+    each class is a bright horizontal band at its own height, plus noise. Returns data_root."""
+    sizes = (256, 64, 64)
+    monkeypatch.setitem(datasets.DATASETS, "FashionMNIST_x28", dataclasses.replace(
+        datasets.DATASETS["FashionMNIST_x28"], num_train=sizes[0], num_val=sizes[1], num_test=sizes[2]))
+    rng = np.random.default_rng(0)
+
+    def images_for(labels):
+        images = rng.integers(0, 60, (len(labels), 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 2 + 2 * label: 5 + 2 * label] += 180
+        return images
+
+    train_labels = (np.arange(sizes[0] + sizes[1]) % 10).astype(np.uint8)
+    test_labels = (np.arange(sizes[2]) % 10).astype(np.uint8)
+    arrays = {"train_images": images_for(train_labels), "train_labels": train_labels,
+              "test_images": images_for(test_labels), "test_labels": test_labels}
+    data_root = tmp_path / "data_root"
+    write_fmnist_dir(data_root / datasets.FASHION_MNIST_DIRNAME, arrays)
+    return str(data_root)
+

@@ -1,0 +1,100 @@
+"""The shared trainer: device-count invariance, exact resume, NaN guard, padded batches."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from data.datasets import Split
+from models.resnet import ResNet
+from sgd_swag import make_loss_fn
+from utils.errors import UserError
+from utils.logging import read_metrics
+from utils.trainer import Trainer, TrainState, epoch_order, make_mesh, masked_mean
+from utils.optim import sgd_l2
+
+MODEL = ResNet(10, depth=8, width=1, pixel_mean=(0.5,), pixel_std=(0.25,))
+
+
+def make_split(n, seed):
+    rng = np.random.default_rng(seed)
+    return Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+                 rng.integers(0, 10, n).astype(np.int32))
+
+
+def eval_fn(state, frozen, batch, key):
+    logits = MODEL.apply({"params": state.params}, batch["images"].astype(jnp.float32) / 255)
+    return {"acc": (logits.argmax(-1) == batch["labels"]).astype(jnp.float32)}
+
+
+def make_trainer(run_dir, devices, num_epochs):
+    optimizer = sgd_l2(0.05, 0.9, 5e-4)
+    trainer = Trainer(run_dir=str(run_dir), optimizer=optimizer, loss_fn=make_loss_fn(MODEL),
+                      eval_fn=eval_fn, seed=3, batch_size=16, num_epochs=num_epochs,
+                      mesh=make_mesh(devices), select_metric="acc", select_mode="max", log_every=2)
+    params = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    return trainer, TrainState.create(params, optimizer)
+
+
+TRAIN, VAL = make_split(72, 0), make_split(20, 1)  # 72 = 4 full batches + a padded one of 8
+
+
+def test_one_and_four_devices_agree(tmp_path):
+    assert len(jax.devices()) >= 4, "tests/conftest.py simulates 4 CPU devices"
+    finals = []
+    for n in (1, 4):
+        trainer, state = make_trainer(tmp_path / f"d{n}", jax.devices()[:n], num_epochs=2)
+        finals.append((trainer.fit(state, TRAIN, VAL), read_metrics(trainer.run_dir)))
+    (state1, log1), (state4, log4) = finals
+    for a, b in zip(log1, log4):
+        np.testing.assert_allclose(a["train/loss"], b["train/loss"], rtol=2e-5)
+        np.testing.assert_allclose(a["val/acc"], b["val/acc"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+                 state1.params, state4.params)
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    trainer, state = make_trainer(tmp_path / "full", jax.devices()[:1], num_epochs=3)
+    uninterrupted = trainer.fit(state, TRAIN, VAL)
+
+    trainer, state = make_trainer(tmp_path / "killed", jax.devices()[:1], num_epochs=3)
+    real_step, calls = trainer._train_step, []
+
+    def dying_step(*args):
+        calls.append(1)
+        if len(calls) == 13:  # in the middle of epoch 3 (5 steps per epoch)
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    trainer._train_step = dying_step
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(state, TRAIN, VAL)
+    trainer.checkpoints.wait()
+    trainer, fresh = make_trainer(tmp_path / "killed", jax.devices()[:1], num_epochs=3)
+    resumed = trainer.fit(fresh, TRAIN, VAL)  # picks up the epoch-2 checkpoint by itself
+    assert int(resumed.step) == int(uninterrupted.step) == 15
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), resumed.params, uninterrupted.params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), resumed.opt_state, uninterrupted.opt_state)
+    best = trainer.best_state(fresh)
+    assert best is not None and int(best.step) in (5, 10, 15)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    trainer, state = make_trainer(tmp_path / "nan", jax.devices()[:1], num_epochs=2)
+    good_loss = trainer.loss_fn
+    trainer.fit(state, TRAIN, VAL)  # two good epochs, checkpoints at steps 5 and 10
+    trainer, state = make_trainer(tmp_path / "nan", jax.devices()[:1], num_epochs=3)
+    nan_loss = lambda p, s, f, b, k: (lambda out: (out[0] * jnp.nan, out[1]))(good_loss(p, s, f, b, k))
+    trainer.loss_fn = nan_loss
+    trainer.__post_init__()
+    with pytest.raises(UserError, match=r"non-finite.*\(step 10\) is kept"):
+        trainer.fit(state, TRAIN, VAL)
+    assert trainer.checkpoints.latest.latest_step() == 10
+
+
+def test_epoch_order_pads_with_mask_and_masked_mean():
+    indices, masks = epoch_order(seed=1, epoch=0, num_examples=10, batch_size=4)
+    assert indices.shape == masks.shape == (3, 4)
+    assert masks.sum() == 10 and not masks[-1, 2:].any()
+    assert sorted(indices[masks].tolist()) == list(range(10))
+    assert not np.array_equal(indices, epoch_order(seed=1, epoch=1, num_examples=10, batch_size=4)[0])
+    assert float(masked_mean(jnp.array([1.0, 3.0, 100.0]), jnp.array([True, True, False]))) == 2.0
