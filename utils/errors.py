@@ -18,6 +18,9 @@ def cli_main(main):
     @functools.wraps(main)
     def wrapped(argv=None):
         enable_compilation_cache()
+        from utils.distributed import initialize_from_env
+
+        initialize_from_env()
         try:
             return main(sys.argv[1:] if argv is None else argv)
         except UserError as error:

@@ -37,6 +37,10 @@ class RunLogger:
                     resume="allow")
 
     def log(self, record: dict):
+        import jax
+
+        if jax.process_index() != 0:  # one log per run, written by the first host
+            return
         record = {k: _plain(v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -1,0 +1,44 @@
+"""Two processes on 127.0.0.1 (2 CPU devices each, gloo collectives) train exactly as one
+process with 4 devices: each process feeds only its devices' rows of every global batch."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out_dir, num_processes, devices_per_process):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+           "JAX_PLATFORMS": "cpu"}
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(var, None)
+    if num_processes > 1:
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=str(num_processes))
+    procs = [subprocess.Popen([sys.executable, WORKER, str(out_dir)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**env, "JAX_PROCESS_ID": str(i)} if num_processes > 1 else env)
+             for i in range(num_processes)]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
+def test_two_hosts_match_one(tmp_path):
+    multi = launch(tmp_path / "multi", num_processes=2, devices_per_process=2)
+    assert any("process 1 of 2: 4 devices" in out for out in multi)
+    launch(tmp_path / "single", num_processes=1, devices_per_process=4)
+    a = np.load(tmp_path / "multi" / "params.npz")
+    b = np.load(tmp_path / "single" / "params.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,53 @@
+"""One process of the multi-host test: a few epochs of the shared trainer with sgd_swag's loss.
+
+Run as `python worker.py OUT_DIR` with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID set (several processes) or unset (one process). Writes the final parameters.
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from utils.distributed import initialize_from_env  # noqa: E402
+
+initialize_from_env()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from data.datasets import Split  # noqa: E402
+from models.resnet import ResNet  # noqa: E402
+from sgd_swag import make_loss_fn  # noqa: E402
+from utils.optim import sgd_l2  # noqa: E402
+from utils.trainer import Trainer, TrainState, make_mesh  # noqa: E402
+
+MODEL = ResNet(10, depth=8, width=1, pixel_mean=(0.5,), pixel_std=(0.25,))
+
+
+def eval_fn(state, frozen, batch, key):
+    logits = MODEL.apply({"params": state.params}, batch["images"].astype(jnp.float32) / 255)
+    return {"acc": (logits.argmax(-1) == batch["labels"]).astype(jnp.float32)}
+
+
+def main(out_dir):
+    rng = np.random.default_rng(0)  # every process holds the same data set
+    train = Split(rng.integers(0, 256, (72, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 72).astype(np.int32))
+    val = Split(rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 20).astype(np.int32))
+    optimizer = sgd_l2(0.05, 0.9, 5e-4)
+    trainer = Trainer(run_dir=os.path.join(out_dir, "run"), optimizer=optimizer,
+                      loss_fn=make_loss_fn(MODEL), eval_fn=eval_fn, seed=3, batch_size=16,
+                      num_epochs=2, mesh=make_mesh(), select_metric="acc", select_mode="max")
+    params = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    state = trainer.fit(TrainState.create(params, optimizer), train, val)
+    trainer.checkpoints.close()
+    if jax.process_index() == 0:
+        flat = {"/".join(str(k.key) for k in path): np.asarray(leaf)
+                for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+        np.savez(os.path.join(out_dir, "params.npz"), **flat)
+    print(f"process {jax.process_index()} of {jax.process_count()}: {len(jax.devices())} devices")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
