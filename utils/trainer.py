@@ -251,7 +251,7 @@ class Trainer:
                   **{f"train/{k}": float(v) / len(indices) for k, v in sums.items()},
                   "time/epoch_s": round(time.perf_counter() - start, 3)}
         if self.lr_schedule is not None:
-            record["train/lr"] = float(self.lr_schedule(step))
+            record["train/lr"] = float(self.lr_schedule(step - 1))  # the epoch's last update
         return state, record
 
     def _check_finite(self, means, state, epoch):
