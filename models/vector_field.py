@@ -20,6 +20,8 @@ The pieces are small and independent so that other heads can reuse them without 
 * `AdaLNBlock`: LayerNorm -> modulate -> MLP -> (optionally gated residual). EDFM uses a
   single Dense+GELU MLP and no LayerNorm affine; a GenDD/MAR ResBlock uses
   Dense-SiLU-Dense, an affine LayerNorm and zero biases, all selectable by fields.
+* `DiffusionMLP`: GenDD's diffusion head (MAR's SimpleMLPAdaLN) from the pieces above, plus
+  a token-position embedding and per-row condition dropout.
 
 No I/O and no training logic lives here.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Array = Any
@@ -223,3 +226,86 @@ class AdaLNMLP(nn.Module):
         f = nn.Dense(self.num_classes, kernel_init=default_kernel_init,
                      bias_init=default_bias_init, name="out")(h)
         return c_skip * x_t + c_out * f
+
+
+class DiffusionMLP(nn.Module):
+    """GenDD's diffusion head (spec `gendd_method.md` §4, MAR's "SimpleMLPAdaLN"), built from
+    the AdaLN pieces above: an ε-prediction network with a learned-range variance channel.
+
+    Inputs per row: a noisy token x_t [N, token_dim], the integer timestep t [N] of the training
+    process (0..T-1, *not* rescaled), the condition z [N, cond_dim] (the student's LayerNormed
+    pooled feature) and the token position k [N] in 0..num_tokens-1.
+
+        h = Dense(width)(x_t)
+        y = TimeMLP(sinusoidal_embedding(t, 256)) + Dense(width)(z) + Embed(num_tokens, width)[k]
+        depth x AdaLNBlock(width, mlp_hidden=width, SiLU, affine LayerNorm eps 1e-6,
+                           SiLU-before-Dense modulation, zero biases)       (MAR ResBlock)
+        (shift, scale) = AdaLNModulation(width, 2 chunks, activation first)(y)
+        out = Dense(2 * token_dim)(modulate(LayerNorm_noaffine(h), shift, scale))
+
+    out[..., :token_dim] is ε̂ and out[..., token_dim:] the variance interpolation v, the layout
+    `models.diffusion` expects. TimeMLP is Dense(256 -> width)-SiLU-Dense(width -> width) with
+    N(0, 0.02) kernels.
+
+    Condition dropout (classifier-free guidance): with `train=True` and cond_drop_prob > 0 each
+    row independently has its condition replaced by zeros with probability cond_drop_prob (the
+    token position is kept); it needs a 'dropout' rng. The null condition used for guidance at
+    sampling time is the same zero vector, which still passes through the condition Dense's bias
+    (spec §9 quirk 4).
+
+    Initialisation: Xavier-uniform kernels and zero biases; every modulation Dense and the output
+    Dense are zero, so the head outputs exactly 0 at initialisation (and the residual blocks are
+    the identity). Width 1024, depth 3, token_dim 64, cond_dim 64, one token: 19,427,456
+    parameters; cond_dim 256, four tokens: 19,627,136 ("about 19.5M").
+    """
+
+    token_dim: int
+    num_tokens: int = 1
+    width: int = 1024
+    depth: int = 3
+    time_embed_dim: int = 256
+    cond_drop_prob: float = 0.0
+    max_period: float = 10000.0
+
+    @nn.compact
+    def __call__(self, x_t: Array, t: Array, cond: Array, token_ids: Optional[Array] = None,
+                 train: bool = False) -> Array:
+        if x_t.shape[-1] != self.token_dim:
+            raise ValueError(f"x_t has {x_t.shape[-1]} features, expected token_dim="
+                             f"{self.token_dim}")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        rows = x_t.shape[:-1]
+        dtype = x_t.dtype
+        cond = cond.astype(dtype)
+        if train and self.cond_drop_prob > 0:
+            drop = jax.random.bernoulli(self.make_rng("dropout"), self.cond_drop_prob, rows)
+            cond = jnp.where(drop[..., None], jnp.zeros_like(cond), cond)
+        if token_ids is None:
+            token_ids = jnp.zeros(rows, jnp.int32)
+        token_ids = jnp.broadcast_to(jnp.asarray(token_ids, jnp.int32), rows)
+        t = jnp.broadcast_to(jnp.asarray(t), rows)
+
+        zeros = nn.initializers.zeros
+        dense = lambda n, name, init=default_kernel_init: nn.Dense(
+            n, kernel_init=init, bias_init=zeros, name=name)
+        time_init = nn.initializers.normal(stddev=0.02)
+
+        h = dense(self.width, "input_proj")(x_t)
+        temb = sinusoidal_embedding(t, self.time_embed_dim, self.max_period).astype(dtype)
+        temb = dense(self.width, "time_in", time_init)(temb)
+        temb = dense(self.width, "time_out", time_init)(nn.silu(temb))
+        y = (temb + dense(self.width, "cond_proj")(cond)
+             + nn.Embed(self.num_tokens, self.width,
+                        embedding_init=nn.initializers.normal(stddev=1.0),
+                        name="token_embed")(token_ids).astype(dtype))
+        for i in range(self.depth):
+            h = AdaLNBlock(self.width, mlp_hidden=self.width, activation=nn.silu, residual=True,
+                           norm_affine=True, norm_eps=1e-6, modulation_activation_first=True,
+                           bias_init=zeros, name=f"block_{i}")(h, y)
+        shift, scale = AdaLNModulation(self.width, num_chunks=2, activation_first=True,
+                                       name="final_modulation")(y)
+        u = nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False,
+                         name="final_norm")(h)
+        u = modulate(u, shift, scale)
+        return nn.Dense(2 * self.token_dim, kernel_init=zeros, bias_init=zeros, name="out")(u)

@@ -24,7 +24,7 @@ Shapes and conventions
 from __future__ import annotations
 
 import math
-from typing import Optional
+
 
 import numpy as np
 
@@ -159,7 +159,6 @@ def ece(probs, labels, num_bins: int = 15) -> float:
     conf = p.max(axis=-1)
     correct = (p.argmax(axis=-1) == y).astype(np.float64)
     idx = _bin_index(conf, num_bins)
-    count = np.bincount(idx, minlength=num_bins).astype(np.float64)
     sum_conf = np.bincount(idx, weights=conf, minlength=num_bins)
     sum_corr = np.bincount(idx, weights=correct, minlength=num_bins)
     # sum_b (n_b/N) |acc_b - conf_b| = sum_b |sum_corr_b - sum_conf_b| / N

@@ -1,0 +1,355 @@
+"""Tests of the KD / ProxyEnDD losses (models/losses.py), the balanced teacher draw
+(utils/teachers.py) and kd_and_endd.py end to end on generated Fashion-MNIST-shaped data."""
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+import scipy.stats
+
+from data import datasets
+from models import losses
+from utils.errors import UserError
+from utils.teachers import balanced_runs, draw_members
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _np_log_softmax(z):
+    return scipy.special.log_softmax(np.asarray(z, np.float64), axis=-1)
+
+
+def _logits(seed, shape, scale=2.0):
+    return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ KD
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_kd_loss_matches_numpy_kl(temperature):
+    student, teacher = _logits(0, (4, 5)), _logits(1, (3, 4, 5))
+    log_q = _np_log_softmax(student / temperature)
+    expected = np.zeros(4)
+    for m in range(3):
+        log_p = _np_log_softmax(teacher[m] / temperature)
+        expected += np.sum(np.exp(log_p) * (log_p - log_q), axis=-1) / 3
+    expected *= max(temperature, temperature**2)
+    got = losses.kd_loss_per_example(student, teacher, temperature)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(losses.kd_loss(student, teacher, temperature), expected.mean(), rtol=1e-5)
+    mask = np.array([True, False, True, True])
+    np.testing.assert_allclose(losses.kd_loss(student, teacher, temperature, mask=mask),
+                               expected[mask].mean(), rtol=1e-5)
+
+
+def test_kd_gradient_equals_cross_entropy_to_mean_teacher():
+    student, teacher = _logits(2, (6, 7)), _logits(3, (5, 6, 7))
+    mean_teacher = np.exp(_np_log_softmax(teacher)).mean(0)
+
+    def cross_entropy(z):
+        return -jnp.mean(jnp.sum(mean_teacher * jax.nn.log_softmax(z), -1))
+
+    grad_kd = jax.grad(lambda z: losses.kd_loss(z, teacher))(student)
+    grad_ce = jax.grad(cross_entropy)(student)
+    np.testing.assert_allclose(grad_kd, grad_ce, rtol=1e-5, atol=1e-7)
+    # and in closed form: (softmax(z) − p̄_teacher) / B
+    expected = (np.exp(_np_log_softmax(student)) - mean_teacher) / 6
+    np.testing.assert_allclose(grad_kd, expected, rtol=1e-4, atol=1e-7)
+    # a single-member average would give another gradient: the members really are averaged
+    grad_first = jax.grad(lambda z: losses.kd_loss(z, teacher[:1]))(student)
+    assert np.abs(np.asarray(grad_first) - np.asarray(grad_kd)).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- ProxyEnDD
+
+
+def _np_proxy_endd(student, teacher, temperature, s_offset, eps):
+    """Independent float64 NumPy/SciPy computation of the per-example terms of spec §5."""
+    student, teacher = np.asarray(student, np.float64), np.asarray(teacher, np.float64)
+    alpha = np.exp(student / temperature) + s_offset
+    alpha0 = alpha.sum(-1)
+    num_classes = student.shape[-1]
+    log_pi = _np_log_softmax(teacher / temperature)  # [M, B, K]
+    pi_bar = np.exp(log_pi).mean(0)
+    beta = (num_classes - 1) / (2 * np.sum(pi_bar * (np.log(pi_bar) - log_pi.mean(0)), -1))
+    dg = scipy.special.digamma
+    recon = -np.sum(pi_bar * (dg(alpha + eps) - dg(alpha0 + eps)[:, None]), -1)
+    entropy = (np.sum(scipy.special.gammaln(alpha + eps), -1) - scipy.special.gammaln(alpha0 + eps)
+               - np.sum((alpha - 1) * (dg(alpha + eps) - dg(alpha0 + eps)[:, None]), -1))
+    return recon, entropy, beta
+
+
+@pytest.mark.parametrize("temperature,s_offset", [(1.0, 1.0), (2.0, 0.5)])
+def test_proxy_endd_terms_match_scipy(temperature, s_offset):
+    student, teacher = _logits(4, (5, 6)), _logits(5, (4, 5, 6))
+    recon, entropy, beta = _np_proxy_endd(student, teacher, temperature, s_offset, 1e-8)
+    terms = losses.proxy_endd_terms(student, teacher, temperature=temperature, s_offset=s_offset)
+    np.testing.assert_allclose(terms["recon"], recon, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(terms["entropy"], entropy, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(terms["inv_beta"], 1 / beta, rtol=1e-4, atol=1e-7)
+    per_example = losses.proxy_endd_per_example(student, teacher, temperature=temperature,
+                                                 s_offset=s_offset)
+    np.testing.assert_allclose(per_example, recon - entropy / beta, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        losses.proxy_endd_loss(student, teacher, temperature=temperature, s_offset=s_offset),
+        np.mean(recon - entropy / beta), rtol=1e-4, atol=1e-4)
+
+
+def test_dirichlet_entropy_is_the_true_entropy():
+    alpha = np.array([[1.5, 2.0, 7.0], [1.0, 1.0, 1.0], [30.0, 0.7, 2.2]])
+    expected = [scipy.stats.dirichlet(a).entropy() for a in alpha]
+    np.testing.assert_allclose(losses.dirichlet_entropy(jnp.asarray(alpha, jnp.float32), eps=0.0),
+                               expected, rtol=1e-4, atol=1e-4)
+
+
+def test_broadcast_bug_reproduces_the_reference():
+    student, teacher = _logits(6, (8, 4)), _logits(7, (5, 8, 4), scale=3.0)
+    recon, entropy, beta = _np_proxy_endd(student, teacher, 1.0, 1.0, 1e-8)
+    # the reference's expression: [B] entropy divided by [B, 1] beta broadcasts to B×B
+    reference = np.mean(recon - entropy / beta[:, None])
+    closed_form = recon.mean() - np.mean(1 / beta) * entropy.mean()
+    np.testing.assert_allclose(reference, closed_form, rtol=1e-10)
+    bug = losses.proxy_endd_loss(student, teacher, broadcast_bug=True)
+    np.testing.assert_allclose(bug, closed_form, rtol=1e-4, atol=1e-4)
+    fixed = losses.proxy_endd_loss(student, teacher)
+    assert abs(float(fixed) - float(bug)) > 1e-3  # the two really differ on this batch
+
+
+def test_proxy_endd_gradient_is_finite_when_teachers_agree():
+    student, teacher = _logits(8, (3, 4)), np.repeat(_logits(9, (1, 3, 4)), 4, axis=0)
+    terms = losses.proxy_endd_terms(student, teacher)
+    np.testing.assert_allclose(terms["inv_beta"], 0.0, atol=1e-6)  # β = ∞
+    grad = jax.grad(lambda z: losses.proxy_endd_loss(z, teacher))(student)
+    assert np.all(np.isfinite(grad))
+
+
+def test_dirichlet_mean_and_samples():
+    logits = _logits(10, (3, 4))
+    alpha = np.exp(logits.astype(np.float64)) + 1.0
+    mean = alpha / alpha.sum(-1, keepdims=True)
+    np.testing.assert_allclose(np.exp(losses.dirichlet_mean_log_probs(logits)), mean, rtol=1e-5)
+    samples = losses.dirichlet_sample_log_probs(jax.random.PRNGKey(0), logits, 4000)
+    assert samples.shape == (4000, 3, 4) and np.all(np.isfinite(samples))
+    probs = np.exp(np.asarray(samples, np.float64))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(probs.mean(0), mean, atol=0.02)
+    var = mean * (1 - mean) / (alpha.sum(-1, keepdims=True) + 1)  # Dirichlet marginal variance
+    np.testing.assert_allclose(probs.var(0), var, rtol=0.2, atol=2e-3)
+    # a huge logit neither overflows nor gives -inf
+    extreme = losses.dirichlet_sample_log_probs(jax.random.PRNGKey(1), jnp.array([[500.0, 0.0, -500.0]]), 5)
+    assert np.all(np.isfinite(extreme)) and np.all(np.asarray(extreme) >= -100.0)
+
+
+# ------------------------------------------------------------------- balanced teacher draw
+
+
+def test_balanced_runs_cover_every_run_equally():
+    for seed in range(20):
+        runs = np.asarray(balanced_runs(jax.random.PRNGKey(seed), 6, 3))
+        np.testing.assert_array_equal(np.bincount(runs, minlength=3), [2, 2, 2])
+    # M = 7, R = 3: every run gets 2 or 3; the extra member goes to each run about 1/3 of the time
+    extra = np.zeros(3)
+    draw = jax.jit(jax.vmap(lambda k: balanced_runs(k, 7, 3)))
+    for runs in np.asarray(draw(jax.random.split(jax.random.PRNGKey(0), 600))):
+        counts = np.bincount(runs, minlength=3)
+        assert sorted(counts) == [2, 2, 3]
+        extra[np.argmax(counts)] += 1
+    np.testing.assert_allclose(extra / 600, 1 / 3, atol=0.07)
+
+
+def test_draw_members_balanced_and_fresh():
+    num_runs = 3
+    mean = {"w": np.arange(num_runs, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32),
+            "b": 10 * np.arange(num_runs, dtype=np.float32)[:, None]}
+    zero = jax.tree.map(np.zeros_like, mean)
+    draw = jax.jit(draw_members, static_argnums=2)
+    members = draw(jax.random.PRNGKey(0), {"mean": mean, "std": zero}, 6)
+    runs = np.asarray(members["w"][:, 0]).astype(int)
+    np.testing.assert_array_equal(np.bincount(runs, minlength=3), [2, 2, 2])
+    np.testing.assert_array_equal(np.asarray(members["b"][:, 0]), 10 * runs)  # leaves agree on the run
+    std = jax.tree.map(lambda x: np.full_like(x, 0.1), mean)
+    a = draw(jax.random.PRNGKey(1), {"mean": mean, "std": std}, 6)
+    b = draw(jax.random.PRNGKey(2), {"mean": mean, "std": std}, 6)
+    assert not np.allclose(a["w"], b["w"])  # fresh SWAG noise for every key
+    noise = np.asarray(a["w"]) - np.round(np.asarray(a["w"]))
+    assert 0.03 < noise.std() < 0.3  # std·ξ around the run's mean
+
+
+def test_one_noise_draw_covers_every_leaf_and_teachers_get_no_gradient():
+    from utils.teachers import draw_members, sample_teacher_logits
+
+    rng = np.random.default_rng(0)
+    mean = {"conv": {"kernel": rng.normal(size=(2, 3, 3, 1, 2)).astype(np.float32)},
+            "dense": {"bias": rng.normal(size=(2, 4)).astype(np.float32),
+                      "kernel": rng.normal(size=(2, 2, 4)).astype(np.float32)}}
+    std = jax.tree.map(lambda x: np.full_like(x, 0.5), mean)
+    # zero std: every member is exactly one run's mean, 2 of each run for M = 4
+    members = draw_members(jax.random.PRNGKey(3), {"mean": mean, "std": jax.tree.map(np.zeros_like, std)}, 4)
+    runs = [int(np.argmin([np.abs(members["dense"]["bias"][m] - mean["dense"]["bias"][r]).max()
+                           for r in range(2)])) for m in range(4)]
+    assert sorted(runs) == [0, 0, 1, 1]
+    for m, r in enumerate(runs):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[m], b[r]), members, mean)
+    # the noise has the SWAG std in every leaf, independently across leaves
+    same = {"mean": jax.tree.map(lambda x: np.repeat(x[:1], 2, axis=0), mean), "std": std}
+    noisy = draw_members(jax.random.PRNGKey(4), same, 64)
+    deviations = [np.asarray(leaf) - center[0] for leaf, center in
+                  zip(jax.tree.leaves(noisy), jax.tree.leaves(mean))]
+    for deviation in deviations:
+        np.testing.assert_allclose(deviation.std(), 0.5, rtol=0.15)
+    assert abs(np.corrcoef(deviations[0][:, 0, 0, 0, 0], deviations[1][:, 0])[0, 1]) < 0.35
+
+    class Linear:
+        def apply(self, variables, images):
+            return images.reshape(images.shape[0], -1)[:, :2] @ variables["params"]["dense"]["kernel"]
+
+    def through_teachers(images):
+        return jnp.sum(sample_teacher_logits(Linear(), {"mean": mean, "std": std},
+                                             jax.random.PRNGKey(0), images, 3))
+
+    images = jnp.ones((2, 2, 2, 1))
+    np.testing.assert_array_equal(jax.grad(through_teachers)(images), 0.0)
+
+
+# ------------------------------------------------------------------------------ config
+
+
+def test_config_validation():
+    from kd_and_endd import DistillConfig
+    from utils.config import parse_config
+
+    base = ["--baseline_method", "KD"]
+    assert parse_config(DistillConfig, base).num_teachers == 30
+    bad = [["--baseline_method", "EnDD"], ["--optim_lr", "-1"], ["--num_teachers", "0"],
+           ["--optim_momentum", "1.0"], ["--warmup_factor", "2"], ["--dist_temp", "0"],
+           ["--optim", "rmsprop"], ["--select_metric", "ens_nll"], ["--num_teachers", "x"]]
+    for extra in bad:
+        with pytest.raises(UserError):
+            parse_config(DistillConfig, base + extra)
+    endd = parse_config(DistillConfig, ["--baseline_method", "ProxyEnDD", "--select_metric", "ens_nll",
+                                        "--t_offset", "3"])
+    assert endd.t_offset == 3.0 and endd.select_metric == "ens_nll"
+    for name in ("kd", "endd"):
+        for data in ("c10", "c100", "fmnist"):
+            path = os.path.join(ROOT, "config", "distillation", f"{name}_{data}_frnrelu.yaml")
+            config = parse_config(DistillConfig, ["--config", path])
+            assert config.baseline_method == ("KD" if name == "kd" else "ProxyEnDD")
+            with open(path) as f:
+                assert f.readline().startswith("#")
+
+
+# ---------------------------------------------------------------------- end to end (tiny)
+
+
+def write_idx(path, array):
+    array = np.ascontiguousarray(array, np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """Generated Fashion-MNIST-shaped data (16 train / 8 val / 8 test), a 2-device mesh and a
+    tiny SWAG teacher folder with two runs (ResNet-8x1)."""
+    import sgd_swag
+    import utils.trainer
+
+    root = tmp_path_factory.mktemp("tiny")
+    folder = root / "data" / "FashionMNIST"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 256, (24, 28, 28)), "train_labels": np.arange(24) % 10,
+              "test_images": rng.integers(0, 256, (8, 28, 28)), "test_labels": np.arange(8) % 10}
+    for role, name in datasets.FASHION_MNIST_FILES.items():
+        write_idx(folder / name, arrays[role])
+    mesh_2 = lambda devices=None: utils.trainer.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(datasets.DATASETS, "FashionMNIST_x28", dataclasses.replace(
+            datasets.DATASETS["FashionMNIST_x28"], num_train=16, num_val=8, num_test=8))
+        patch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIRS", [str(root / "no-system-copy")])
+        patch.setattr(datasets, "FASHION_MNIST_PAYLOAD_SHA256", {})
+        patch.setattr(utils.trainer, "make_mesh", mesh_2)
+        teachers = root / "teachers"
+        sgd_swag.main(["--config", os.path.join(ROOT, "config/teacher/fmnist_frnrelu_sgd_swag.yaml"),
+                       "--data_root", str(root / "data"), "--model_depth", "8", "--model_width", "1",
+                       "--optim_ne", "1", "--optim_bs", "8", "--start_decay_epoch", "0",
+                       "--start_swa_epoch", "0", "--save", str(teachers / "seed1"), "--seed", "1"])
+        shutil.copytree(teachers / "seed1", teachers / "seed2")  # a second run (same moments)
+        yield {"root": root, "data_root": str(root / "data"), "teachers": str(teachers),
+               "images": np.asarray(arrays["test_images"], np.uint8)[..., None]}
+
+
+def _common_args(setup, run_dir):
+    return ["--data_root", setup["data_root"], "--teacher_dir", setup["teachers"],
+            "--optim_bs", "8", "--optim_ne", "1", "--model_depth", "8", "--model_width", "1",
+            "--num_teachers", "3", "--log_every", "1", "--save", str(run_dir)]
+
+
+def _check_run(run_dir, expected_kind, num_members, images, **options):
+    from utils.predict import load_predictor, predict
+    from utils.trainer import make_mesh
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 1 and records[0]["step"] == 2  # 16 examples / batch 8 = 2 steps
+    assert np.isfinite(records[0]["train/loss"]) and "val/nll" in records[0]
+    with open(os.path.join(run_dir, "model", "sidecar.json")) as f:
+        sidecar = json.load(f)
+    assert sidecar["kind"] == expected_kind and sidecar["data_name"] == "FashionMNIST_x28"
+    assert "nll" in sidecar["val"]
+    predictor = load_predictor(str(run_dir), **options)
+    assert predictor.num_members == num_members
+    logits = predict(predictor, images, batch_size=4, mesh=make_mesh(jax.devices()[:2]))
+    assert logits.shape == (len(images), num_members, 10) and np.all(np.isfinite(logits))
+    return logits, sidecar
+
+
+def test_kd_two_steps_export_and_predict(tiny_setup, tmp_path):
+    import kd_and_endd
+    from utils.checkpoints import load_resnet
+
+    run_dir = tmp_path / "kd"
+    kd_and_endd.main(["--config", os.path.join(ROOT, "config/distillation/kd_fmnist_frnrelu.yaml"),
+                      *_common_args(tiny_setup, run_dir)])
+    logits, sidecar = _check_run(run_dir, "resnet", 1, tiny_setup["images"])
+    assert sidecar["method"] == "KD" and sidecar["seed"] == 2025
+    # EDFM reads the same export as its frozen backbone
+    model, variables, _ = load_resnet(str(run_dir / "model"))
+    direct = model.apply(variables, tiny_setup["images"].astype(np.float32) / 255.0)
+    np.testing.assert_allclose(logits[:, 0], direct, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit):  # a fresh run refuses a directory that holds one
+        kd_and_endd.main(["--config", os.path.join(ROOT, "config/distillation/kd_fmnist_frnrelu.yaml"),
+                          *_common_args(tiny_setup, run_dir)])
+
+
+def test_proxy_endd_two_steps_export_and_predict(tiny_setup, tmp_path):
+    import kd_and_endd
+
+    run_dir = tmp_path / "endd"
+    kd_and_endd.main(["--config", os.path.join(ROOT, "config/distillation/endd_fmnist_frnrelu.yaml"),
+                      *_common_args(tiny_setup, run_dir), "--num_ensembles", "2",
+                      "--endd_broadcast_bug", "true"])
+    logits, sidecar = _check_run(run_dir, "proxy_endd", 8, tiny_setup["images"])
+    assert sidecar["method"] == "ProxyEnDD" and sidecar["s_offset"] == 1.0
+    assert "ens_nll" in sidecar["val"] and "softmax_nll" in sidecar["val"]
+    probs = np.exp(logits)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-4)
+    assert probs.std(axis=1).max() > 1e-3  # the members are distinct Dirichlet samples
+    mean_logits, _ = _check_run(run_dir, "proxy_endd", 1, tiny_setup["images"], dirichlet_mean=True)
+    np.testing.assert_allclose(np.exp(mean_logits).sum(-1), 1.0, rtol=1e-4)
+
+
+def test_num_classes_must_match(tiny_setup, tmp_path, capsys):
+    import kd_and_endd
+
+    with pytest.raises(SystemExit):
+        kd_and_endd.main([*_common_args(tiny_setup, tmp_path / "x"), "--num_classes", "100"])
+    assert "num_classes is 100" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")  # nothing written
