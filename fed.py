@@ -175,14 +175,6 @@ def make_eval_fn(model, config: FedConfig):
     return eval_fn
 
 
-def best_or_last(trainer: Trainer, state):
-    restored = trainer.checkpoints.restore_best(state)
-    if restored is None:
-        return state, dict(trainer.last_val)
-    best, meta = restored
-    return best, {"epoch": meta.get("epoch"), **{k[4:]: v for k, v in meta.items() if k.startswith("val/")}}
-
-
 def export_generator(run_dir, config: FedConfig, model, state, val_metrics):
     directory = os.path.join(run_dir, "model")
     sidecar = {"kind": FED_KIND, "model": resnet_spec(model), "num_classes": model.num_classes,
@@ -228,7 +220,7 @@ def main(argv):
     state = trainer.fit(TrainState.create(params, optimizer, model_state), dataset.train,
                         dataset.val, frozen={"teachers": teachers.moments})
     if not os.path.exists(os.path.join(run_dir, "model")):
-        best, val = best_or_last(trainer, state)
+        best, val = trainer.selected(state)
         export_generator(run_dir, config, model, best, val)
         print(f"best validation {config.select_metric} = {val.get(config.select_metric)} "
               f"(epoch {val.get('epoch')})")

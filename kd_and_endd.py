@@ -200,16 +200,6 @@ def export_student(run_dir, config: DistillConfig, model, state, val_metrics):
     return directory
 
 
-def best_or_last(trainer: Trainer, state):
-    """(state, val metrics) of the checkpoint selected on validation, else the last state."""
-    restored = trainer.checkpoints.restore_best(state)
-    if restored is None:
-        return state, dict(trainer.last_val)
-    best, meta = restored
-    val = {k[4:]: v for k, v in meta.items() if k.startswith("val/")}
-    return best, {"epoch": meta.get("epoch"), **val}
-
-
 def load_data_and_teachers(config):
     dataset = load_dataset(config.data_name, config.data_root, download=config.download,
                            num_train_examples=config.num_train_examples)
@@ -249,7 +239,7 @@ def main(argv):
     state = trainer.fit(TrainState.create(params, optimizer, model_state), dataset.train,
                         dataset.val, frozen={"teachers": teachers.moments})
     if not os.path.exists(os.path.join(run_dir, "model")):
-        best, val = best_or_last(trainer, state)
+        best, val = trainer.selected(state)
         export_student(run_dir, config, model, best, val)
         print(f"best validation {config.select_metric} = {val.get(config.select_metric)} "
               f"(epoch {val.get('epoch')})")

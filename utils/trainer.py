@@ -197,10 +197,14 @@ class Trainer:
         self.evaluate = make_evaluator(self.eval_fn, self.mesh)
         self.last_val = {}  # the latest validation metrics
 
-    def best_state(self, like_state):
-        """The train state with the best validation score (None when none was selected)."""
-        restored = self.checkpoints.restore_best(like_state)
-        return None if restored is None else restored[0]
+    def selected(self, state):
+        """(state, validation metrics) of the checkpoint selected on validation, else the last."""
+        restored = self.checkpoints.restore_best(state)
+        if restored is None:
+            return state, dict(self.last_val)
+        best, meta = restored
+        return best, {"epoch": meta.get("epoch"),
+                      **{k[4:]: v for k, v in meta.items() if k.startswith("val/")}}
 
     def steps_per_epoch(self, num_examples: int) -> int:
         return math.ceil(num_examples / self.batch_size)
