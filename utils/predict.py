@@ -10,6 +10,7 @@ sidecar kind. evaluate.py and Python users see only this interface:
 import dataclasses
 import importlib
 import os
+import time
 from typing import Any, Callable
 
 import jax
@@ -48,21 +49,40 @@ def load_predictor(model_dir: str, **options) -> Predictor:
     kind = read_sidecar(model_dir).get("kind")
     if kind not in PREDICTOR_SCRIPTS:
         raise UserError(f"{model_dir}: unknown model kind {kind!r}")
-    script = importlib.import_module(PREDICTOR_SCRIPTS[kind])
+    try:
+        script = importlib.import_module(PREDICTOR_SCRIPTS[kind])
+    except ImportError as error:
+        raise UserError(f"{model_dir}: cannot load {PREDICTOR_SCRIPTS[kind]}.py for kind {kind!r}: {error}") from None
     return script.load_predictor(model_dir, **options)
+
+
+class Runner:
+    """A predictor compiled once (per mesh and batch size) and run over any uint8 image set."""
+
+    def __init__(self, predictor: Predictor, mesh=None, batch_size: int = 500):
+        self.predictor = predictor
+        self.mesh = make_mesh() if mesh is None else mesh
+        self.batch_size = max(self.mesh.size, batch_size - batch_size % self.mesh.size)
+
+        def fn(args, batch, key):
+            images = batch["images"].astype(np.float32) / 255.0
+            return predictor.member_logits(args, images, key)
+
+        self.jitted = jit_batch_fn(fn, self.mesh)
+        self.args = put_replicated(predictor.args, self.mesh)
+        self.seconds = 0.0  # wall time spent predicting, for reports
+
+    def __call__(self, images_u8: np.ndarray, key=None, desc=None) -> np.ndarray:
+        start = time.perf_counter()
+        key = jax.random.PRNGKey(0) if key is None else key
+        out = map_batches(self.jitted, self.args, images_u8, np.zeros(len(images_u8), np.int32),
+                          batch_size=self.batch_size, mesh=self.mesh, key=key, desc=desc)
+        self.seconds += time.perf_counter() - start
+        return np.asarray(out, np.float32)
 
 
 def predict(predictor: Predictor, images_u8: np.ndarray, *, batch_size: int = 500, mesh=None,
             key=None) -> np.ndarray:
-    """Member logits [N, M, K] over uint8 images, one compiled call per batch."""
-    mesh = make_mesh() if mesh is None else mesh
-    batch_size = max(mesh.size, batch_size - batch_size % mesh.size)
-
-    def fn(args, batch, key):
-        images = batch["images"].astype(np.float32) / 255.0
-        return predictor.member_logits(args, images, key)
-
-    labels = np.zeros(len(images_u8), np.int32)
-    args = put_replicated(predictor.args, mesh)
-    return map_batches(jit_batch_fn(fn, mesh), args, images_u8, labels, batch_size=batch_size,
-                       mesh=mesh, key=jax.random.PRNGKey(0) if key is None else key)
+    """Member logits [N, M, K] over uint8 images, one compiled call per batch. To predict on
+    several image sets, build one `Runner` and call it on each (it compiles once)."""
+    return Runner(predictor, mesh, batch_size)(images_u8, key)

@@ -1,0 +1,667 @@
+"""Evaluate a teacher ensemble and any set of distilled students on one data set (spec §8).
+
+    python evaluate.py --config config/evaluate/fmnist.yaml --save runs/evaluate/fmnist
+    python evaluate.py --data_name FashionMNIST_x28 --teacher_dir checkpoints_teacher/fmnist \
+        --students KD=runs/kd/x,EDFM=runs/edfm/y --num_test_examples 2000 --save DIR
+
+Inputs
+- the data set: `data_name`, `data_root` (flags, or `--config` with any YAML that has them: an
+  evaluate config is read strictly; another script's config, e.g. a training YAML, lends only its
+  data_name, data_root, download and teacher_dir);
+- `teacher_dir`: a folder of MultiSWAG runs (or one run); the teacher ensemble is
+  R runs x `teacher_samples_per_run` SWAG samples, drawn once with `seed`;
+- `students`: in YAML `students: [{name: KD, path: runs/kd/x, options: {...}}]`, on the command
+  line `--students name=path,name=path` (or the YAML list inline). `path` is a run directory or
+  its `model/` export; `options` go to the method's load_predictor (e.g. EDFM
+  `{num_members: 32}`). The export's sidecar says which script predicts with it.
+
+Every method is evaluated on the test split (the first `num_test_examples` when set) and on
+every shift and OOD set available for the data set (data/shift.py: the Fashion-MNIST corruption
+suite and the digits OOD set; CIFAR's .npy sets when present). Written to `--save DIR` (a new
+or empty directory; nothing is overwritten):
+- results.md   the main table (rows methods; accuracy, calibration, fidelity to the teacher,
+               diversity, W2, OOD AUROC, mean shift accuracy / NLL, cost), a table per shift set,
+               the OOD sets and, when an EDFM student is given, its member and NFE sweeps;
+- results.json every number, with the resolved config and timings;
+- reliability.png, diversity_vs_accuracy.png, and for EDFM edfm_members.png, edfm_nfe.png.
+
+Definitions (utils/metrics.py): the ensemble prediction is the mean of the members' softmax;
+NLL with eps 0; ECE with 15 bins; KL(teacher mean || student mean) and top-1 agreement with the
+teacher ensemble; AMB (logit averaging), Brier variance, mutual information, disagreement; W2
+between the teacher's and the student's per-input sets of centred member logits (defined for a
+single-member student too); OOD AUROC with OOD as the positive class, scored by the predictive
+entropy or the mutual information. Cost (utils/cost.py): parameters used at prediction, FLOPs
+per input from XLA's cost analysis of the compiled prediction on one batch (loops unrolled), and
+the median latency of one batch after warm-up on one device.
+"""
+import dataclasses
+import datetime
+import difflib
+import importlib
+import inspect
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import numpy as np
+import yaml
+
+from data.datasets import Split, load_dataset
+from data.shift import ShiftSets, load_shift_sets
+from utils import metrics, plots
+from utils.checkpoints import read_sidecar
+from utils.config import CommonConfig, _read_yaml, parse_config, prepare_run_dir
+from utils.cost import predictor_cost
+from utils.errors import UserError, cli_main
+from utils.predict import PREDICTOR_SCRIPTS, Runner, load_predictor
+from utils.teachers import find_teacher_runs, teacher_predictor
+from utils.trainer import make_mesh
+
+EDFM_KIND = "edfm"
+DEFAULT_SOLVER = "heun_exp"  # the spec's sampler: Heun on the exponential grid, last step Euler
+SOLVER_OPTION_NAMES = ("solver", "method", "sampler")  # how edfm.load_predictor may call it
+
+
+@dataclasses.dataclass
+class EvaluateConfig(CommonConfig):
+    teacher_dir: str = "checkpoints_teacher/fmnist"
+    teacher_samples_per_run: int = 3  # SWAG samples per teacher run in the evaluated ensemble
+    # [{name, path, options}]; read by parse_evaluate_config (the YAML list or name=path,...)
+    students: list = dataclasses.field(default_factory=list)
+    eval_bs: int = 500  # inputs per prediction batch
+    num_test_examples: Optional[int] = None  # the first N of the test split and of each shift/OOD set
+    eval_shift: bool = True  # also the shift and OOD sets
+    w2: bool = True  # the W2 column (exact assignment per input; the slowest metric)
+    edfm_members_sweep: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    edfm_steps_sweep: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7])
+    edfm_solvers: list[str] = dataclasses.field(default_factory=lambda: ["heun_exp", "euler"])
+    latency_bs: Optional[int] = None  # batch of the latency column; default eval_bs
+    latency_repeats: int = 10  # timed calls; the median is reported
+    latency_warmup: int = 2  # untimed calls first (the first one compiles)
+
+    def validate(self):
+        super().validate()
+        for key in ("teacher_samples_per_run", "eval_bs", "latency_repeats"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config key {key} must be >= 1, got {getattr(self, key)}")
+        if self.latency_warmup < 0:
+            raise UserError(f"latency_warmup must be >= 0, got {self.latency_warmup}")
+        for key in ("num_test_examples", "latency_bs"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise UserError(f"config key {key} must be >= 1 or null, got {getattr(self, key)}")
+        for key in ("edfm_members_sweep", "edfm_steps_sweep"):
+            if any(v < 1 for v in getattr(self, key)):
+                raise UserError(f"config key {key} must list integers >= 1, got {getattr(self, key)}")
+        from models.flow_matching import FIXED_METHODS
+
+        for solver in self.edfm_solvers:
+            if solver not in FIXED_METHODS:
+                raise UserError(f"edfm_solvers: unknown fixed-grid solver {solver!r}; "
+                                f"choose from {', '.join(FIXED_METHODS)}")
+
+
+# ------------------------------------------------------------------------------------- config
+_OWN_KEYS = {f.name for f in dataclasses.fields(EvaluateConfig)}
+_BORROWED_KEYS = ("data_name", "data_root", "download", "teacher_dir")
+# keys that mark a YAML as an evaluate config (distillation configs have teacher_dir too)
+_EVALUATE_ONLY_KEYS = _OWN_KEYS - {f.name for f in dataclasses.fields(CommonConfig)} - set(_BORROWED_KEYS)
+
+
+def _pop_flag(argv: list, flag: str):
+    """Remove `flag VALUE` from argv (the last one wins); None when absent."""
+    value = None
+    while flag in argv:
+        i = argv.index(flag)
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            raise UserError(f"option {flag} needs a value")
+        value = argv[i + 1]
+        del argv[i:i + 2]
+    return value
+
+
+def parse_students(value, source: str = "students") -> list:
+    """[{name, path, options}] from the YAML list, a {name: path} mapping, or 'name=path,...'."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("[", "{")):
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as error:
+                raise UserError(f"{source}: not valid YAML: {str(error).splitlines()[0]}") from None
+        else:
+            value = []
+            for entry in filter(None, (e.strip() for e in text.split(","))):
+                name, sep, path = entry.partition("=")
+                if not sep or not name.strip() or not path.strip():
+                    raise UserError(f"{source}: expected name=path[,name=path...], got {entry!r}")
+                value.append({"name": name.strip(), "path": path.strip()})
+    if isinstance(value, dict):  # {name: path} or {name: {path, options}}
+        value = [{"name": k, **(v if isinstance(v, dict) else {"path": v})} for k, v in value.items()]
+    if not isinstance(value, list):
+        raise UserError(f"{source}: expected a list of {{name, path, options}}, got {value!r}")
+    students, names = [], set()
+    for entry in value:
+        if not isinstance(entry, dict) or not {"name", "path"} <= set(entry):
+            raise UserError(f"{source}: each student needs a name and a path, got {entry!r}")
+        unknown = set(entry) - {"name", "path", "options"}
+        if unknown:
+            raise UserError(f"{source}: unknown student key(s) {', '.join(sorted(unknown))} "
+                            f"(a student has name, path, options)")
+        options = entry.get("options") or {}
+        if not isinstance(options, dict):
+            raise UserError(f"{source}: options of {entry['name']} must be a mapping, got {options!r}")
+        name = str(entry["name"])
+        if name in names or name.lower().startswith("teacher"):
+            raise UserError(f"{source}: student name {name!r} is repeated or starts with 'Teacher'")
+        names.add(name)
+        students.append({"name": name, "path": str(entry["path"]), "options": dict(options)})
+    return students
+
+
+def parse_evaluate_config(argv) -> EvaluateConfig:
+    """parse_config with two additions: `students` (a list of mappings, which the generic
+    parser cannot type) and `--config` files of other scripts (only their data keys are used)."""
+    argv = list(argv)
+    if "--resume" in argv:
+        raise UserError("evaluate.py does not resume: give a new or empty --save directory")
+    cli_students = _pop_flag(argv, "--students")
+    config_path = _pop_flag(argv, "--config")
+    prefix, students = [], []
+    if config_path is not None:
+        values = _read_yaml(config_path)
+        yaml_students = values.pop("students", None)
+        if "resume" in values:
+            raise UserError(f"{config_path}: evaluate.py does not resume; remove the resume key")
+        if yaml_students is not None or set(values) & _EVALUATE_ONLY_KEYS:
+            for key in values:  # an evaluate config: every key must be known
+                if key not in _OWN_KEYS:
+                    close = difflib.get_close_matches(key, sorted(_OWN_KEYS), n=3, cutoff=0.5)
+                    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                    raise UserError(f"unknown config key {key} in {config_path}{hint}")
+        else:
+            ignored = sorted(set(values) - set(_BORROWED_KEYS))
+            values = {k: v for k, v in values.items() if k in _BORROWED_KEYS}
+            if ignored:
+                print(f"{config_path} is not an evaluate config: using its "
+                      f"{', '.join(values) or 'no'} key(s), ignoring {len(ignored)} others")
+        students = parse_students(yaml_students, f"students in {config_path}")
+        for key, value in values.items():  # as flags before the user's own, which win
+            prefix += [f"--{key}", json.dumps(value)]
+    if cli_students is not None:
+        students = parse_students(cli_students, "--students")
+    config = parse_config(EvaluateConfig, prefix + argv)
+    config.students = students
+    return config
+
+
+def _refuse_existing(save: Optional[str]):
+    """prepare_run_dir's rule, checked before the (long) evaluation rather than after it."""
+    if save and os.path.isdir(save) and os.listdir(save):
+        what = "results.md" if os.path.exists(os.path.join(save, "results.md")) else "files"
+        raise UserError(f"{save} already holds {what}; not overwriting it: choose another --save")
+
+
+# ------------------------------------------------------------------------------------- predict
+def _check_student(spec: dict):
+    """One clear line for a student whose script is missing or whose options it does not take."""
+    path = spec["path"]
+    model_dir = path if os.path.exists(os.path.join(path, "sidecar.json")) else os.path.join(path, "model")
+    if not os.path.exists(os.path.join(model_dir, "sidecar.json")):
+        raise UserError(f"student {spec['name']}: {path} is neither an export nor a run directory "
+                        f"with model/sidecar.json")
+    kind = read_sidecar(model_dir).get("kind")
+    script = PREDICTOR_SCRIPTS.get(kind)
+    if script is None:
+        raise UserError(f"student {spec['name']}: {model_dir} holds an unknown kind {kind!r}")
+    try:
+        loader = importlib.import_module(script).load_predictor
+    except (ImportError, AttributeError) as error:
+        raise UserError(f"student {spec['name']} is a {kind!r}, predicted by {script}.py, which "
+                        f"cannot be loaded: {error}") from None
+    try:
+        inspect.signature(loader).bind(model_dir, **spec["options"])
+    except TypeError:
+        valid = [n for n in list(inspect.signature(loader).parameters)[1:] if n != "kwargs"]
+        raise UserError(f"student {spec['name']}: {script}.load_predictor does not take options "
+                        f"{sorted(spec['options'])}; it takes {', '.join(valid)}") from None
+
+
+def _cap(split: Split, n: Optional[int]) -> Split:
+    return split if n is None or len(split) <= n else Split(split.images[:n], split.labels[:n])
+
+
+def _check_classes(logits: np.ndarray, num_classes: int, name: str):
+    if logits.ndim != 3 or logits.shape[-1] != num_classes:
+        raise UserError(f"{name} predicts logits of shape {list(logits.shape[1:])} per input, "
+                        f"but the data set has {num_classes} classes")
+
+
+def _ensemble_summary(logits, labels, teacher_probs=None) -> dict:
+    """summarize() without W2, plus KL and agreement to the teacher when given."""
+    out = metrics.summarize(logits, labels)
+    if teacher_probs is not None:
+        probs = metrics.ensemble_probs(logits)
+        out["kl_to_teacher"] = metrics.kl_to_teacher(teacher_probs, probs)
+        out["agreement"] = metrics.agreement(teacher_probs, probs)
+    return out
+
+
+def _uncertainty_scores(logits) -> dict:
+    member_probs = metrics.softmax(logits)
+    return {"entropy": metrics.predictive_entropy(member_probs.mean(axis=1)),
+            "mi": metrics.mutual_information(member_probs)}
+
+
+# ------------------------------------------------------------------------------------- EDFM sweeps
+def solver_option(kind: str = EDFM_KIND) -> Optional[str]:
+    """The keyword by which `<script>.load_predictor` takes the ODE solver, or None."""
+    try:
+        loader = importlib.import_module(PREDICTOR_SCRIPTS[kind]).load_predictor
+    except (ImportError, AttributeError):
+        return None
+    params = inspect.signature(loader).parameters
+    for name in SOLVER_OPTION_NAMES:
+        if name in params:
+            return name
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return SOLVER_OPTION_NAMES[0]
+    return None
+
+
+def edfm_sweeps(spec: dict, test: Split, teacher_logits, config: EvaluateConfig, mesh, key,
+                log=print) -> dict:
+    """EDFM quality against the number of members and against the function evaluations.
+
+    Each point is a fresh `load_predictor(path, **options, num_members=m)` or
+    `(..., num_steps=s[, <solver option>=solver])` evaluated on the test inputs; NFE of a point is
+    models.flow_matching.num_function_evals(solver, s) (head evaluations; one backbone pass each).
+    """
+    from models.flow_matching import num_function_evals
+
+    teacher_probs = metrics.ensemble_probs(teacher_logits)
+
+    def point(**overrides) -> dict:
+        predictor = load_predictor(spec["path"], **{**spec["options"], **overrides})
+        runner = Runner(predictor, mesh, config.eval_bs)
+        logits = runner(test.images, key)
+        s = _ensemble_summary(logits, test.labels, teacher_probs)
+        keep = ("acc", "nll", "ece", "brier", "kl_to_teacher", "agreement", "mi", "var", "amb",
+                "disagreement")
+        return {**{k: s[k] for k in keep}, "num_members": predictor.num_members,
+                "eval_seconds": runner.seconds}
+
+    out = {"members": [], "steps": {}}
+    for m in config.edfm_members_sweep:
+        out["members"].append({"num_members": m, **point(num_members=m)})
+        log(f"  {spec['name']} members={m}: acc {out['members'][-1]['acc']:.4f} "
+            f"nll {out['members'][-1]['nll']:.4f}")
+    option = solver_option()
+    for solver in config.edfm_solvers:
+        if solver != DEFAULT_SOLVER and option is None:
+            log(f"  {spec['name']}: edfm load_predictor takes no solver option; skipping {solver}")
+            continue
+        extra = {} if solver == DEFAULT_SOLVER else {option: solver}
+        rows = []
+        for s in config.edfm_steps_sweep:
+            nfe = num_function_evals(solver, s)
+            rows.append({"num_steps": s, "nfe": nfe, **point(num_steps=s, **extra)})
+            log(f"  {spec['name']} {solver} steps={s} (NFE {nfe}): acc {rows[-1]['acc']:.4f} "
+                f"nll {rows[-1]['nll']:.4f}")
+        out["steps"][solver] = rows
+    return out
+
+
+# ------------------------------------------------------------------------------------- tables
+def _fmt(value, kind: str = "f4") -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    if kind == "pct":
+        return f"{100 * value:.2f}"
+    if kind == "int":
+        return str(int(value))
+    if kind == "si":
+        for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+            if abs(value) >= scale:
+                return f"{value / scale:.3g}{unit}"
+        return f"{value:.3g}"
+    if kind == "ms":
+        return f"{1e3 * value:.1f}"
+    return f"{value:.4f}"
+
+
+def markdown_table(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main_columns(latency_bs: int):
+    """(header, getter(result) -> value, format) of the main table, in order."""
+    test = lambda key: (lambda r: r["test"].get(key))  # noqa: E731
+    return [
+        ("Acc (%)", test("acc"), "pct"),
+        ("NLL", test("nll"), "f4"),
+        ("ECE (%)", test("ece"), "pct"),
+        ("Brier", test("brier"), "f4"),
+        ("KL to teacher", test("kl_to_teacher"), "f4"),
+        ("Agreement (%)", test("agreement"), "pct"),
+        ("AMB", test("amb"), "f4"),
+        ("Brier var", test("var"), "f4"),
+        ("MI", test("mi"), "f4"),
+        ("Disagreement", test("disagreement"), "f4"),
+        ("W2", test("w2"), "f4"),
+        ("OOD AUROC entropy (%)", lambda r: r["ood_mean"].get("auroc_entropy"), "pct"),
+        ("OOD AUROC MI (%)", lambda r: r["ood_mean"].get("auroc_mi"), "pct"),
+        ("Shift acc (%)", lambda r: r["shift_mean"].get("acc"), "pct"),
+        ("Shift NLL", lambda r: r["shift_mean"].get("nll"), "f4"),
+        ("Params", lambda r: r["cost"].get("num_params"), "si"),
+        ("FLOPs/input", lambda r: r["cost"].get("flops_per_input"), "si"),
+        (f"Latency/batch of {latency_bs} (ms)", lambda r: r["cost"].get("latency_s"), "ms"),
+        ("Members", lambda r: r["num_members"], "int"),
+    ]
+
+
+def main_table(results: dict, latency_bs: int) -> str:
+    columns = main_columns(latency_bs)
+    rows = [[name] + [_fmt(get(r), kind) for _, get, kind in columns] for name, r in results.items()]
+    return markdown_table(["Method"] + [h for h, _, _ in columns], rows)
+
+
+SHIFT_COLUMNS = [("Acc (%)", "acc", "pct"), ("NLL", "nll", "f4"), ("ECE (%)", "ece", "pct"),
+                 ("Brier", "brier", "f4"), ("KL to teacher", "kl_to_teacher", "f4"),
+                 ("Agreement (%)", "agreement", "pct"), ("MI", "mi", "f4"),
+                 ("Brier var", "var", "f4")]
+
+
+def shift_tables(results: dict, shift_names) -> list[str]:
+    parts = []
+    severity = {}
+    for name in shift_names:
+        base, _, level = name.rpartition("_s")
+        if base and level.isdigit():
+            severity.setdefault(int(level), []).append(name)
+    if severity:
+        levels = sorted(severity)
+        rows = [[method] + [_fmt(np.mean([r["shift"][s]["acc"] for s in severity[k]]), "pct")
+                            for k in levels] for method, r in results.items()]
+        parts.append("### Mean accuracy (%) by corruption severity\n\n" + markdown_table(
+            ["Method"] + [f"severity {k} ({len(severity[k])} sets)" for k in levels], rows))
+    for name in shift_names:
+        rows = [[method] + [_fmt(r["shift"][name].get(key), kind) for _, key, kind in SHIFT_COLUMNS]
+                for method, r in results.items()]
+        parts.append(f"### {name}\n\n" + markdown_table(["Method"] + [h for h, _, _ in SHIFT_COLUMNS],
+                                                         rows))
+    return parts
+
+
+def ood_table(results: dict, ood_names) -> str:
+    headers = ["Method"]
+    for name in ood_names:
+        headers += [f"{name} AUROC entropy (%)", f"{name} AUROC MI (%)"]
+    rows = []
+    for method, r in results.items():
+        row = [method]
+        for name in ood_names:
+            row += [_fmt(r["ood"][name]["auroc_entropy"], "pct"), _fmt(r["ood"][name]["auroc_mi"], "pct")]
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def sweep_tables(sweeps: dict) -> list[str]:
+    parts = []
+    for name, sweep in sweeps.items():
+        rows = [[p["num_members"], _fmt(p["acc"], "pct"), _fmt(p["nll"]), _fmt(p["kl_to_teacher"]),
+                 _fmt(p["agreement"], "pct"), _fmt(p["mi"])] for p in sweep["members"]]
+        parts.append(f"### {name}: members\n\n" + markdown_table(
+            ["Members", "Acc (%)", "NLL", "KL to teacher", "Agreement (%)", "MI"], rows))
+        for solver, points in sweep["steps"].items():
+            rows = [[p["num_steps"], p["nfe"], _fmt(p["acc"], "pct"), _fmt(p["nll"]),
+                     _fmt(p["kl_to_teacher"]), _fmt(p["agreement"], "pct")] for p in points]
+            parts.append(f"### {name}: {solver} steps\n\n" + markdown_table(
+                ["Steps", "NFE", "Acc (%)", "NLL", "KL to teacher", "Agreement (%)"], rows))
+    return parts
+
+
+def write_markdown(path: str, config, results: dict, shift_names, ood_names, sweeps: dict,
+                   plot_names, info: dict, latency_bs: int):
+    lines = [
+        f"# Evaluation on {config.data_name}",
+        "",
+        f"{info['num_test']} test inputs{' (capped)' if config.num_test_examples else ''}; "
+        f"teacher {config.teacher_dir} ({config.teacher_samples_per_run} SWAG samples per run); "
+        f"{info['date']} on {info['device']}. Every number is in results.json.",
+        "",
+        "Ensemble = mean of the members' softmax. KL = KL(teacher ‖ student) of the ensembles; "
+        "W2 between the per-input sets of centred member logits; OOD AUROC averaged over "
+        f"{', '.join(ood_names) or 'no OOD set'}; shift = mean over {len(shift_names)} shift sets. "
+        f"FLOPs per input from XLA's cost analysis of the compiled prediction; latency = median "
+        f"of {config.latency_repeats} timed batches of {latency_bs} after warm-up, one device.",
+        "",
+        main_table(results, latency_bs),
+        "",
+    ]
+    if shift_names:
+        lines += ["## Shift sets", ""] + [p + "\n" for p in shift_tables(results, shift_names)]
+    if ood_names:
+        lines += ["## Out-of-distribution sets", "", ood_table(results, ood_names), ""]
+    if sweeps:
+        lines += ["## EDFM sweeps", ""] + [p + "\n" for p in sweep_tables(sweeps)]
+    lines += ["## Plots", ""] + [f"![{n}]({n})" for n in plot_names] + [""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------- plots
+def write_plots(run_dir: str, results: dict, reliability: dict, sweeps: dict, teacher_name: str):
+    names = []
+    plots.reliability_diagrams(os.path.join(run_dir, "reliability.png"), reliability,
+                               title="reliability on the test set")
+    names.append("reliability.png")
+    points = {name: {"acc": r["test"]["acc"], "mi": r["test"]["mi"], "var": r["test"]["var"],
+                     "shift": [{"acc": s["acc"], "mi": s["mi"], "var": s["var"]}
+                               for s in r["shift"].values()]} for name, r in results.items()}
+    plots.diversity_vs_accuracy(os.path.join(run_dir, "diversity_vs_accuracy.png"), points)
+    names.append("diversity_vs_accuracy.png")
+    if sweeps:
+        keys = ("acc", "nll", "kl_to_teacher")
+        t = results[teacher_name]["test"]
+        reference = {"label": teacher_name, "acc": t["acc"], "nll": t["nll"]}
+        curves = {name: {"x": [p["num_members"] for p in s["members"]],
+                         **{k: [p[k] for p in s["members"]] for k in keys}}
+                  for name, s in sweeps.items() if s["members"]}
+        if curves:
+            plots.sweep_plot(os.path.join(run_dir, "edfm_members.png"), curves, "members per input",
+                             keys, reference=reference, logx=True,
+                             title="EDFM quality against the number of members")
+            names.append("edfm_members.png")
+        curves = {f"{name} {solver}": {"x": [p["nfe"] for p in points],
+                                       **{k: [p[k] for p in points] for k in keys}}
+                  for name, s in sweeps.items() for solver, points in s["steps"].items() if points}
+        if curves:
+            plots.sweep_plot(os.path.join(run_dir, "edfm_nfe.png"), curves,
+                             "function evaluations (head)", keys, reference=reference,
+                             title="EDFM quality against the number of function evaluations")
+            names.append("edfm_nfe.png")
+    return names
+
+
+# ------------------------------------------------------------------------------------- main
+def _latency_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """The first `size` images, repeated when the set is smaller."""
+    idx = np.arange(size) % len(images)
+    return np.ascontiguousarray(images[idx])
+
+
+def _plain(tree):
+    if isinstance(tree, dict):
+        return {str(k): _plain(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_plain(v) for v in tree]
+    if isinstance(tree, (np.generic, np.ndarray)):
+        return tree.item() if np.ndim(tree) == 0 else tree.tolist()
+    return tree
+
+
+def evaluate(config: EvaluateConfig, log=print) -> dict:
+    """The whole evaluation; returns {run_dir, results, sweeps, ...} (also written to disk)."""
+    _refuse_existing(config.save)
+    find_teacher_runs(config.teacher_dir)  # the cheap checks first: paths, scripts, options
+    for spec in config.students:
+        _check_student(spec)
+    wall = time.perf_counter()
+    timings = {}
+    dataset = load_dataset(config.data_name, config.data_root, download=config.download)
+    test = _cap(dataset.test, config.num_test_examples)
+    sets = (load_shift_sets(config.data_name, config.data_root, test) if config.eval_shift
+            else ShiftSets({}, {}))
+    shift = {name: _cap(split, config.num_test_examples) for name, split in sets.shift.items()}
+    ood = {name: images[:config.num_test_examples] if config.num_test_examples else images
+           for name, images in sets.ood.items()}
+    timings["data_s"] = time.perf_counter() - wall
+    log(f"{config.data_name}: {len(test)} test inputs, {len(shift)} shift sets, "
+        f"{len(ood)} OOD sets ({', '.join(ood) or 'none'})")
+
+    start = time.perf_counter()
+    teacher = teacher_predictor(config.teacher_dir, config.teacher_samples_per_run, config.seed)
+    if teacher.sidecar.get("data_name") not in (None, config.data_name):
+        raise UserError(f"the teachers in {config.teacher_dir} were trained on "
+                        f"{teacher.sidecar['data_name']}, not {config.data_name}")
+    predictors = {teacher.name: teacher}
+    specs = {}
+    for spec in config.students:
+        predictor = load_predictor(spec["path"], **spec["options"])
+        data_name = predictor.sidecar.get("data_name")
+        if data_name not in (None, config.data_name):
+            raise UserError(f"student {spec['name']} ({spec['path']}) was trained on {data_name}, "
+                            f"not {config.data_name}")
+        predictors[spec["name"]] = predictor
+        specs[spec["name"]] = spec
+    run_dir = prepare_run_dir(config, "evaluate")
+    timings["load_s"] = time.perf_counter() - start
+    log(f"evaluating {', '.join(f'{n} ({p.kind}, {p.num_members} members)' for n, p in predictors.items())}"
+        f" into {run_dir}")
+
+    mesh = make_mesh()
+    runners = {name: Runner(p, mesh, config.eval_bs) for name, p in predictors.items()}
+    base_key = jax.random.PRNGKey(config.seed)
+    results = {name: {"kind": p.kind, "num_members": p.num_members,
+                      "path": specs[name]["path"] if name in specs else config.teacher_dir,
+                      "options": specs[name]["options"] if name in specs else {},
+                      "test": {}, "shift": {}, "ood": {}, "shift_mean": {}, "ood_mean": {},
+                      "cost": {}} for name, p in predictors.items()}
+    in_scores, reliability = {}, {}
+
+    # The test split, with W2 and everything else.
+    start = time.perf_counter()
+    key = jax.random.fold_in(base_key, 0)
+    teacher_test = runners[teacher.name](test.images, key, desc=f"{teacher.name} test")
+    _check_classes(teacher_test, dataset.num_classes, teacher.name)
+    teacher_probs = metrics.ensemble_probs(teacher_test)
+    for name, runner in runners.items():
+        is_teacher = name == teacher.name
+        logits = teacher_test if is_teacher else runner(test.images, key, desc=f"{name} test")
+        _check_classes(logits, dataset.num_classes, name)
+        if is_teacher or not config.w2:
+            summary = _ensemble_summary(logits, test.labels, None if is_teacher else teacher_probs)
+        else:
+            summary = metrics.summarize(logits, test.labels, teacher_test)
+        results[name]["test"] = summary
+        in_scores[name] = _uncertainty_scores(logits)
+        probs = metrics.ensemble_probs(logits)
+        reliability[name] = (probs.max(axis=-1), probs.argmax(axis=-1) == test.labels)
+        log(f"{name} test: " + "  ".join(f"{k} {summary[k]:.4f}" for k in
+                                         ("acc", "nll", "ece", "kl_to_teacher", "w2", "mi")
+                                         if k in summary))
+    timings["test_s"] = time.perf_counter() - start
+
+    # Shift sets: the same metrics but W2, KL and agreement to the teacher on the same inputs.
+    start = time.perf_counter()
+    for index, (set_name, split) in enumerate(shift.items(), start=1):
+        key = jax.random.fold_in(base_key, index)
+        t_logits = runners[teacher.name](split.images, key)
+        t_probs = metrics.ensemble_probs(t_logits)
+        for name, runner in runners.items():
+            is_teacher = name == teacher.name
+            logits = t_logits if is_teacher else runner(split.images, key)
+            results[name]["shift"][set_name] = _ensemble_summary(
+                logits, split.labels, None if is_teacher else t_probs)
+        log(f"shift {set_name}: " + "  ".join(f"{n} {r['shift'][set_name]['acc']:.4f}"
+                                               for n, r in results.items()))
+    for r in results.values():
+        if r["shift"]:
+            r["shift_mean"] = {k: float(np.mean([s[k] for s in r["shift"].values()]))
+                               for k in ("acc", "nll", "ece", "brier", "mi")}
+    timings["shift_s"] = time.perf_counter() - start
+
+    # OOD sets: AUROC of telling them from the test inputs by entropy and by MI.
+    start = time.perf_counter()
+    for index, (set_name, images) in enumerate(ood.items(), start=len(shift) + 1):
+        key = jax.random.fold_in(base_key, index)
+        for name, runner in runners.items():
+            scores = _uncertainty_scores(runner(images, key))
+            results[name]["ood"][set_name] = {
+                f"auroc_{s}": metrics.ood_auroc(in_scores[name][s], scores[s]) for s in ("entropy", "mi")}
+        log(f"OOD {set_name}: " + "  ".join(f"{n} {r['ood'][set_name]['auroc_entropy']:.4f}"
+                                             for n, r in results.items()))
+    for r in results.values():
+        if r["ood"]:
+            r["ood_mean"] = {k: float(np.mean([o[k] for o in r["ood"].values()]))
+                             for k in ("auroc_entropy", "auroc_mi")}
+    timings["ood_s"] = time.perf_counter() - start
+    for name, runner in runners.items():
+        results[name]["predict_seconds"] = runner.seconds
+
+    # Cost: parameters, FLOPs per input, latency of one batch.
+    start = time.perf_counter()
+    latency_bs = config.latency_bs or config.eval_bs
+    batch = _latency_batch(test.images, latency_bs)
+    for name, predictor in predictors.items():
+        results[name]["cost"] = predictor_cost(predictor, batch, key=base_key,
+                                               repeats=config.latency_repeats,
+                                               warmup=config.latency_warmup)
+        c = results[name]["cost"]
+        log(f"{name} cost: {c['num_params']} params, {c['flops_per_input']:.4g} FLOPs/input, "
+            f"{1e3 * c['latency_s']:.2f} ms per batch of {latency_bs}")
+    timings["cost_s"] = time.perf_counter() - start
+
+    # EDFM: quality against members and function evaluations.
+    start = time.perf_counter()
+    sweeps = {}
+    for name, predictor in predictors.items():
+        if name in specs and predictor.kind == EDFM_KIND:
+            log(f"EDFM sweeps of {name}")
+            sweeps[name] = edfm_sweeps(specs[name], test, teacher_test, config, mesh,
+                                       jax.random.fold_in(base_key, 10_000), log=log)
+    timings["edfm_sweeps_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    plot_names = write_plots(run_dir, results, reliability, sweeps, teacher.name)
+    timings["plots_s"] = time.perf_counter() - start
+    timings["total_s"] = time.perf_counter() - wall
+    info = {"num_test": len(test), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}, "
+                      f"{len(jax.devices())} devices)"}
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(_plain({"config": dataclasses.asdict(config), "info": info, "timings": timings,
+                          "shift_sets": list(shift), "ood_sets": list(ood), "methods": results,
+                          "edfm_sweeps": sweeps, "plots": plot_names}), f, indent=1)
+    write_markdown(os.path.join(run_dir, "results.md"), config, results, list(shift), list(ood),
+                   sweeps, plot_names, info, latency_bs)
+    table = main_table(results, latency_bs)
+    log("\n" + table)
+    log(f"results in {run_dir}/results.md ({timings['total_s']:.0f} s)")
+    return {"run_dir": run_dir, "results": results, "sweeps": sweeps, "table": table,
+            "plots": plot_names, "timings": timings}
+
+
+@cli_main
+def main(argv):
+    return evaluate(parse_evaluate_config(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""evaluate.py end to end on tiny generated checkpoints, plus utils/cost.py and utils/plots.py."""
+import json
+import os
+import re
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import evaluate
+from utils import cost, metrics, plots
+from utils.errors import UserError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return os.path.getsize(path) > 1000 and f.read(8) == PNG_MAGIC
+
+
+# ------------------------------------------------------------------------------------- cost
+def test_xla_flops_of_a_matmul():
+    m, n, k = 8, 24, 40
+    count = cost.xla_flops(lambda a, b: a @ b, jnp.ones((m, k)), jnp.ones((k, n)))
+    assert count.flops == pytest.approx(2 * m * n * k, rel=0.02)
+    assert count.exact_loops and count.bytes_accessed > 0
+
+
+def test_xla_flops_counts_every_loop_iteration():
+    """XLA counts a loop body once; unrolled, lax.map over members = vmap over members."""
+    w, x = jnp.ones((6, 16, 32)), jnp.ones((8, 16))
+    looped = lambda w, x: jax.lax.map(lambda wi: jax.nn.relu(x @ wi), w, batch_size=1)  # noqa: E731
+    vmapped = lambda w, x: jax.vmap(lambda wi: jax.nn.relu(x @ wi))(w)  # noqa: E731
+    expected = 6 * 2 * 8 * 16 * 32
+    assert cost.xla_flops(looped, w, x).flops == pytest.approx(expected, rel=0.05)
+    assert cost.xla_flops(vmapped, w, x).flops == pytest.approx(expected, rel=0.05)
+    assert cost.xla_flops(looped, w, x, unroll=False).flops < expected / 3  # what XLA alone says
+    # a scan with a carry (an ODE-like loop), reversed, nested in a jit: same values, unrolled
+    def ode(x, w):
+        step = jax.jit(lambda h, wi: (jnp.tanh(h @ wi), h.sum()))
+        return jax.lax.scan(step, x, w, reverse=True)
+
+    x2, w2 = jnp.linspace(0, 1, 8 * 16).reshape(8, 16), jnp.linspace(-1, 1, 5 * 256).reshape(5, 16, 16)
+    unrolled, stats = cost.unroll_scans(ode, x2, w2)
+    for got, want in zip(jax.tree.leaves(jax.jit(unrolled)(x2, w2)), jax.tree.leaves(ode(x2, w2))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert stats.scans_unrolled == 1
+    assert cost.xla_flops(ode, x2, w2).flops >= 5 * 2 * 8 * 16 * 16
+    # a while loop (no static trip count) is reported as such
+    body = lambda c: (c[0] @ c[0].T @ c[0], c[1] + 1)  # noqa: E731
+    count = cost.xla_flops(lambda x: jax.lax.while_loop(lambda c: c[1] < 3, body, (x, 0))[0], x)
+    assert count.dynamic_loops == 1 and not count.exact_loops
+    # a scan inside a while loop stays a loop, and says so
+    inner = lambda c: (jax.lax.map(lambda r: r * 2.0, c[0]), c[1] + 1)  # noqa: E731
+    count = cost.xla_flops(lambda x: jax.lax.while_loop(lambda c: c[1] < 3, inner, (x, 0))[0], x)
+    assert (count.dynamic_loops, count.scans_kept, count.scans_unrolled) == (1, 1, 0)
+
+
+def test_measure_latency_positive():
+    timing = cost.measure_latency(lambda a: (a @ a).sum(), jnp.ones((64, 64)), warmup=1, repeats=3)
+    assert timing["repeats"] == 3 and len(timing["times_s"]) == 3
+    assert 0 < timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+    with pytest.raises(ValueError):
+        cost.measure_latency(lambda a: a, jnp.ones(3), repeats=0)
+
+
+# ------------------------------------------------------------------------------------- plots
+def test_plots_write_pngs(tmp_path):
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.1, 1.0, 200)
+    methods = {"Teacher": (conf, rng.random(200) < conf), "KD": (conf ** 0.5, rng.random(200) < conf),
+               "EDFM": (conf, rng.random(200) < conf)}
+    paths = [
+        plots.reliability_diagrams(str(tmp_path / "rel.png"), methods, title="t"),
+        plots.diversity_vs_accuracy(str(tmp_path / "div.png"), {
+            "A": {"acc": 0.9, "mi": 0.1, "var": 0.02, "shift": [{"acc": 0.7, "mi": 0.3, "var": 0.05}]},
+            "B": {"acc": 0.8, "mi": 0.0, "var": 0.0}}),
+        plots.sweep_plot(str(tmp_path / "sweep.png"), {"heun": {"x": [1, 3, 5], "acc": [0.5, 0.7, 0.8],
+                                                                "nll": [1.0, 0.7, 0.6]}},
+                         "NFE", ("acc", "nll"), reference={"label": "teacher", "acc": 0.85}, logx=True),
+    ]
+    for path in paths:
+        assert _is_png(path), path
+    # the bins are those of utils.metrics.ece: 10-class predictions whose top probability is conf
+    conf, correct = methods["KD"]
+    probs = np.concatenate([conf[:, None], np.repeat((1 - conf[:, None]) / 9, 9, axis=1)], axis=1)
+    edges, count, mean_conf, acc = plots.reliability_bins(conf, correct, num_bins=15)
+    filled = count > 0
+    ece = np.sum(count[filled] * np.abs(acc[filled] - mean_conf[filled])) / count.sum()
+    assert count.sum() == 200 and len(edges) == 16
+    assert ece == pytest.approx(metrics.ece(probs, np.where(correct, 0, 1)), abs=1e-12)
+    with pytest.raises(ValueError):
+        plots.reliability_diagrams(str(tmp_path / "none.png"), {})
+
+
+# ------------------------------------------------------------------------------------- config
+def test_parse_students_and_config(tmp_path):
+    assert evaluate.parse_students("KD=runs/kd,EDFM=runs/edfm") == [
+        {"name": "KD", "path": "runs/kd", "options": {}}, {"name": "EDFM", "path": "runs/edfm", "options": {}}]
+    assert evaluate.parse_students("[{name: E, path: p, options: {num_members: 4}}]")[0]["options"] == {
+        "num_members": 4}
+    for bad in ("KD", "KD=a,KD=b", "Teacher=x", "[{name: A}]", "[{name: A, path: p, extra: 1}]"):
+        with pytest.raises(UserError):
+            evaluate.parse_students(bad)
+    # an evaluate YAML is strict; another script's YAML lends only its data and teacher keys
+    own = tmp_path / "eval.yaml"
+    own.write_text("data_name: CIFAR10_x32\nstudents: [{name: KD, path: a}]\neval_bs: 64\n")
+    config = evaluate.parse_evaluate_config(["--config", str(own), "--eval_bs", "32"])
+    assert (config.data_name, config.eval_bs, config.students[0]["path"]) == ("CIFAR10_x32", 32, "a")
+    config = evaluate.parse_evaluate_config(["--config", str(own), "--students", "B=b"])
+    assert config.students == [{"name": "B", "path": "b", "options": {}}]
+    own.write_text("eval_bs: 64\nedfm_member_sweep: [1]\n")
+    with pytest.raises(UserError, match="did you mean edfm_members_sweep"):
+        evaluate.parse_evaluate_config(["--config", str(own)])
+    foreign = tmp_path / "train.yaml"
+    foreign.write_text("data_name: CIFAR100_x32\ndata_root: /d\noptim_lr: 0.1\nstart_swa_epoch: 3\n"
+                       "teacher_dir: t\nseed: 7\n")
+    config = evaluate.parse_evaluate_config(["--config", str(foreign)])
+    assert (config.data_name, config.data_root, config.teacher_dir, config.seed) == (
+        "CIFAR100_x32", "/d", "t", evaluate.EvaluateConfig.seed)
+    with pytest.raises(UserError):
+        evaluate.parse_evaluate_config(["--resume", str(tmp_path)])
+    with pytest.raises(UserError, match="edfm_solvers"):
+        evaluate.parse_evaluate_config(["--edfm_solvers", "[rk4]"])
+
+
+# ------------------------------------------------------------------------------------- end to end
+def _fake_edfm_module():
+    """A stand-in for edfm.load_predictor: a linear classifier whose M members are its logits
+    plus noise that shrinks with the number of steps (euler noisier than heun_exp)."""
+    from utils.checkpoints import read_sidecar
+    from utils.predict import Predictor
+
+    def load_predictor(model_dir, num_members=4, num_steps=3, solver="heun_exp", seed=0):
+        sidecar = read_sidecar(model_dir, kind="edfm")
+        w = np.load(os.path.join(model_dir, "w.npy"))
+        scale = (2.0 if solver == "euler" else 1.0) / num_steps
+
+        def member_logits(args, images, key):
+            logits = images.reshape(images.shape[0], -1) @ args["w"]
+            noise = jax.random.normal(key, (images.shape[0], num_members, logits.shape[-1]))
+            return logits[:, None, :] + scale * noise
+
+        return Predictor(name=f"EDFM ({num_members})", kind="edfm", member_logits=member_logits,
+                         args={"w": w}, num_members=num_members, num_params=w.size, sidecar=sidecar)
+
+    module = types.ModuleType("fake_edfm_for_tests")
+    module.load_predictor = load_predictor
+    return module
+
+
+def test_evaluate_end_to_end(tmp_path, fake_fmnist_root, monkeypatch):
+    import sgd_swag
+    from models.resnet import ResNet
+    from utils import predict
+    from utils.checkpoints import save_resnet
+
+    root = fake_fmnist_root  # train/val/test 256/64/64
+    teachers = tmp_path / "teachers"
+    sgd_swag.main(["--data_root", root, "--model_depth", "8", "--model_width", "1", "--model_planes", "8",
+                   "--optim_ne", "2", "--optim_bs", "64", "--start_decay_epoch", "1", "--start_swa_epoch", "1",
+                   "--save", str(teachers / "seed1"), "--seed", "1"])
+    # A "resnet" student (KD's export format), randomly initialised.
+    kd = ResNet(num_classes=10, depth=8, width=1, planes=8, pixel_mean=(0.286,),
+                pixel_std=(0.353,))
+    variables = kd.init(jax.random.PRNGKey(3), jnp.zeros((1, 28, 28, 1)))
+    save_resnet(str(tmp_path / "kd" / "model"), kd, variables["params"], {}, data_name="FashionMNIST_x28",
+                method="KD")
+    # A fake EDFM export, predicted by a fake edfm module through the real dispatch.
+    edfm_dir = tmp_path / "edfm" / "model"
+    edfm_dir.mkdir(parents=True)
+    (edfm_dir / "sidecar.json").write_text(json.dumps({"kind": "edfm", "data_name": "FashionMNIST_x28"}))
+    np.save(edfm_dir / "w.npy", np.random.default_rng(0).normal(size=(784, 10)).astype(np.float32) * 0.05)
+    monkeypatch.setitem(sys.modules, "fake_edfm_for_tests", _fake_edfm_module())
+    monkeypatch.setitem(predict.PREDICTOR_SCRIPTS, "edfm", "fake_edfm_for_tests")
+
+    save = tmp_path / "eval"
+    config_file = tmp_path / "eval.yaml"
+    # "Self" is the teacher run itself with the same samples: its fidelity must be perfect.
+    config_file.write_text(f"""
+data_name: FashionMNIST_x28
+data_root: {root}
+teacher_dir: {teachers}
+teacher_samples_per_run: 2
+students:
+  - {{name: KD, path: {tmp_path / 'kd'}}}
+  - {{name: Self, path: {teachers / 'seed1'}, options: {{samples_per_run: 2, seed: 0}}}}
+  - {{name: EDFM, path: {tmp_path / 'edfm'}, options: {{num_members: 3}}}}
+seed: 0
+eval_bs: 64
+num_test_examples: 48
+edfm_members_sweep: [1, 3]
+edfm_steps_sweep: [2]
+latency_bs: 16
+latency_repeats: 2
+latency_warmup: 1
+""")
+    out = evaluate.main(["--config", str(config_file), "--save", str(save)])
+
+    text = (save / "results.md").read_text()
+    teacher_name = "Teacher (1x2)"
+    main_table = text.split("\n\n")[3].splitlines()  # title, info, definitions, table
+    header = [c.strip() for c in main_table[0].strip("|").split("|")]
+    assert header == ["Method"] + [h for h, _, _ in evaluate.main_columns(16)]
+    for required in ("Acc (%)", "NLL", "ECE (%)", "Brier", "KL to teacher", "Agreement (%)", "AMB",
+                     "Brier var", "MI", "Disagreement", "W2", "OOD AUROC entropy (%)", "OOD AUROC MI (%)",
+                     "Shift acc (%)", "Shift NLL", "Params", "FLOPs/input", "Members"):
+        assert required in header, required
+    assert any(h.startswith("Latency/batch") for h in header)
+    rows = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")]
+            for r in main_table[2:]}
+    assert list(rows) == [teacher_name, "KD", "Self", "EDFM"]
+    for name, cells in rows.items():
+        assert len(cells) == len(header)
+        blank = {header[i] for i, c in enumerate(cells) if c == "—"}
+        assert blank == ({"KL to teacher", "Agreement (%)", "W2"} if name == teacher_name else set()), name
+    # one table per shift set (12 Fashion-MNIST corruptions), the OOD set, the sweeps
+    for corruption in ("rotation", "gaussian_noise", "blur", "contrast"):
+        for severity in (1, 2, 3):
+            assert f"### {corruption}_s{severity}\n" in text
+    assert "digits AUROC entropy (%)" in text and "### EDFM: members" in text
+    assert "### EDFM: heun_exp steps" in text and "### EDFM: euler steps" in text
+    for png in ("reliability.png", "diversity_vs_accuracy.png", "edfm_members.png", "edfm_nfe.png"):
+        assert _is_png(save / png), png
+        assert f"]({png})" in text
+
+    # The numbers: the teacher run as a student is the teacher; KD matches a direct computation.
+    results = json.loads((save / "results.json").read_text())
+    methods = results["methods"]
+    self_test = methods["Self"]["test"]
+    assert self_test["kl_to_teacher"] == pytest.approx(0, abs=1e-6)
+    assert self_test["agreement"] == 1.0 and self_test["w2"] == pytest.approx(0, abs=1e-3)
+    assert self_test["acc"] == methods[teacher_name]["test"]["acc"]
+    assert all(s["kl_to_teacher"] == pytest.approx(0, abs=1e-6) for s in methods["Self"]["shift"].values())
+    from data.datasets import load_dataset
+
+    test = load_dataset("FashionMNIST_x28", root).test
+    kd_logits = np.asarray(kd.apply(variables, test.images[:48] / 255.0))[:, None, :]
+    assert methods["KD"]["test"]["acc"] == pytest.approx(metrics.accuracy(metrics.softmax(kd_logits[:, 0]),
+                                                                          test.labels[:48]))
+    assert methods["KD"]["test"]["nll"] == pytest.approx(
+        metrics.nll(metrics.softmax(kd_logits[:, 0]), test.labels[:48]), rel=1e-4)
+    assert methods["KD"]["num_members"] == 1 and methods["KD"]["test"]["mi"] == 0.0
+    assert np.isfinite(methods["KD"]["test"]["w2"]) and methods["KD"]["test"]["w2"] > 0
+    assert methods["EDFM"]["num_members"] == 3 and methods["EDFM"]["test"]["mi"] > 0
+    assert len(results["shift_sets"]) == 12 and results["ood_sets"] == ["digits"]
+    for m in methods.values():
+        assert 0 <= m["ood"]["digits"]["auroc_entropy"] <= 1
+        c = m["cost"]
+        assert c["num_params"] > 0 and c["flops_per_input"] > 0 and c["latency_s"] > 0
+        assert c["batch_size"] == 16 and c["flops_exact_loops"]
+    # the teacher's FLOPs are its 2 members' (run in a loop on CPU), KD has the same network
+    assert methods[teacher_name]["cost"]["flops_per_input"] == pytest.approx(
+        2 * methods["KD"]["cost"]["flops_per_input"], rel=0.02)
+    assert methods[teacher_name]["cost"]["flops_per_input"] == pytest.approx(
+        methods["Self"]["cost"]["flops_per_input"], rel=1e-6)
+    assert methods[teacher_name]["cost"]["num_params"] == 2 * methods["KD"]["cost"]["num_params"]
+    sweep = results["edfm_sweeps"]["EDFM"]
+    assert [p["num_members"] for p in sweep["members"]] == [1, 3]
+    assert [p["nfe"] for p in sweep["steps"]["heun_exp"]] == [3]  # 2(S-1)+1
+    assert [p["nfe"] for p in sweep["steps"]["euler"]] == [2]
+    assert sweep["members"][0]["mi"] == 0.0 and sweep["members"][1]["mi"] > 0
+    assert out["run_dir"] == str(save)
+
+    # Nothing is overwritten.
+    before = (save / "results.md").read_text()
+    with pytest.raises(SystemExit) as info:
+        evaluate.main(["--config", str(config_file), "--save", str(save)])
+    assert info.value.code == 2 and (save / "results.md").read_text() == before
+    assert re.search(r"\| KD \|", before)
