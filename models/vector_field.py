@@ -215,7 +215,10 @@ class AdaLNMLP(nn.Module):
         if x_t.shape[-1] != self.num_classes:
             raise ValueError(f"x_t has {x_t.shape[-1]} features, expected num_classes="
                              f"{self.num_classes}")
-        t = jnp.broadcast_to(jnp.asarray(t, dtype=x_t.dtype), x_t.shape[:-1])
+        t = jnp.asarray(t, dtype=x_t.dtype)
+        # A scalar time (the ODE solvers') is embedded once and broadcast, not once per row.
+        t = (t.reshape((1,) * (x_t.ndim - 1)) if t.ndim == 0
+             else jnp.broadcast_to(t, x_t.shape[:-1]))
         c_in, c_skip, c_out = self.preconditioning(t[..., None])
         emb = sinusoidal_embedding(log_time_feature(t, self.time_scale),
                                    self.time_embed_dim)
