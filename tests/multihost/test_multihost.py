@@ -19,8 +19,12 @@ def free_port():
 def launch(out_dir, num_processes, devices_per_process):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
            "JAX_PLATFORMS": "cpu"}
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    # No persistent compilation cache: processes that hit it unevenly (one reads a program the
+    # other compiles) can miss the distributed runtime's barriers.
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                "JAX_COMPILATION_CACHE_DIR"):
         env.pop(var, None)
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     if num_processes > 1:
         env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES=str(num_processes))
     procs = [subprocess.Popen([sys.executable, WORKER, str(out_dir)], stdout=subprocess.PIPE,
