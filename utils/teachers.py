@@ -2,7 +2,10 @@
 
 A teacher folder holds one or more runs written by `sgd_swag.py`, each `<run>/model/` with the
 SWAG mean, second moment and a sidecar. `load_teachers(folder)` stacks the runs' means and
-standard deviations on a leading axis R. Members are then drawn inside jitted code:
+standard deviations on a leading axis R. A single deterministic network (a "resnet" export: a
+plain cross-entropy teacher or a KD student, BatchNorm statistics included) is the one-run
+ensemble with zero deviation, so every script also distills from one ordinary network (the
+GenDD paper's single-teacher KD). Members are then drawn inside jitted code:
 
     member_params = draw_members(key, moments, num_members)     # [M, ...], balanced over runs
     logits = ensemble_logits(model, member_params, images)       # [M, B, K], one compiled call
@@ -20,7 +23,7 @@ import numpy as np
 
 from models.resnet import ResNet, resnet_from_spec
 from models.swag import swag_std
-from utils.checkpoints import SIDECAR, load_export
+from utils.checkpoints import SIDECAR, load_export, read_sidecar
 from utils.errors import UserError
 
 TEACHER_KIND = "swag_teacher"
@@ -29,7 +32,7 @@ TEACHER_KIND = "swag_teacher"
 @dataclasses.dataclass
 class TeacherEnsemble:
     model: ResNet
-    moments: dict  # {"mean": params stacked [R, ...], "std": params stacked [R, ...]}
+    moments: dict  # {"mean": params [R, ...], "std": params [R, ...], "model_state": shared}
     runs: list  # the run directories, in stacking order
     sidecars: list
 
@@ -43,34 +46,52 @@ class TeacherEnsemble:
 
 
 def find_teacher_runs(folder: str) -> list[str]:
-    """The run directories under `folder` (or `folder` itself when it is one run)."""
+    """The exports under `folder`: folder itself (an export, or a run with model/), or the
+    model/ of each run directory inside it."""
     if not os.path.isdir(folder):
         raise UserError(f"teacher folder {folder} does not exist; train teachers with sgd_swag.py "
                         f"or point teacher_dir at checkpoints_teacher/<data>")
-    if os.path.exists(os.path.join(folder, "model", SIDECAR)):
-        return [folder]
-    runs = sorted(os.path.join(folder, d) for d in os.listdir(folder)
+    for export in (folder, os.path.join(folder, "model")):
+        if os.path.exists(os.path.join(export, SIDECAR)):
+            return [export]
+    runs = sorted(os.path.join(folder, d, "model") for d in os.listdir(folder)
                   if os.path.exists(os.path.join(folder, d, "model", SIDECAR)))
     if not runs:
         raise UserError(f"no teacher run in {folder}: expected <run>/model/{SIDECAR} written by sgd_swag.py")
     return runs
 
 
+def _load_run(export: str):
+    """(mean, std, model_state, sidecar) of one SWAG run, or of one network with std 0."""
+    kind = read_sidecar(export).get("kind")
+    if kind == TEACHER_KIND:
+        arrays, sidecar = load_export(export, kind=TEACHER_KIND)
+        return arrays["mean"], swag_std(arrays["mean"], arrays["params2"]), {}, sidecar
+    if kind == "resnet":
+        arrays, sidecar = load_export(export, kind="resnet")
+        params = arrays["params"]
+        return params, jax.tree.map(np.zeros_like, params), arrays.get("model_state", {}), sidecar
+    raise UserError(f"{export} holds a {kind!r}, not a teacher (a swag_teacher run or a resnet)")
+
+
 def load_teachers(folder: str, data_name: str | None = None, dtype=jnp.float32) -> TeacherEnsemble:
     runs = find_teacher_runs(folder)
-    means, stds, sidecars = [], [], []
+    means, stds, sidecars, model_state = [], [], [], {}
     for run in runs:
-        arrays, sidecar = load_export(os.path.join(run, "model"), kind=TEACHER_KIND)
-        if sidecar["model"] != (sidecars[0]["model"] if sidecars else sidecar["model"]):
+        mean, std, model_state, sidecar = _load_run(run)
+        if sidecars and sidecar["model"] != sidecars[0]["model"]:
             raise UserError(f"teacher run {run} has another architecture than {runs[0]}")
-        if data_name is not None and sidecar["data_name"] != data_name:
+        if data_name is not None and sidecar.get("data_name", data_name) != data_name:
             raise UserError(f"teacher run {run} was trained on {sidecar['data_name']}, not {data_name}")
-        means.append(arrays["mean"])
-        stds.append(swag_std(arrays["mean"], arrays["params2"]))
+        if model_state and len(runs) > 1:
+            raise UserError(f"{run} has BatchNorm statistics: such a teacher must be alone in its folder")
+        means.append(mean)
+        stds.append(std)
         sidecars.append(sidecar)
     stack = lambda trees: jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
     model = resnet_from_spec(sidecars[0]["model"], dtype=dtype)
-    return TeacherEnsemble(model, {"mean": stack(means), "std": stack(stds)}, runs, sidecars)
+    moments = {"mean": stack(means), "std": stack(stds), "model_state": model_state}
+    return TeacherEnsemble(model, moments, runs, sidecars)
 
 
 def balanced_runs(key, num_members: int, num_runs: int):
@@ -119,17 +140,19 @@ def members_per_pass() -> int | None:
 def sample_teacher_logits(model, moments, key, images, num_members: int):
     """Logits [M, B, K] of M fresh members, balanced over the runs; no gradient flows back."""
     members = draw_members(key, jax.lax.stop_gradient(moments), num_members)
-    return jax.lax.stop_gradient(ensemble_logits(model, members, images))
+    return jax.lax.stop_gradient(ensemble_logits(model, members, images,
+                                                 model_state=moments.get("model_state", {})))
 
 
-def ensemble_logits(model, member_params, images, chunk: int | None = -1):
+def ensemble_logits(model, member_params, images, chunk: int | None = -1, model_state=None):
     """Logits [M, B, K] of M stacked parameter sets on one batch, in one compiled call.
 
     `chunk` members are vmapped together and chunks run in sequence (lax.map); None vmaps all
     M at once; the default picks by backend (`members_per_pass`).
     """
     chunk = members_per_pass() if chunk == -1 else chunk
-    apply = lambda params: model.apply({"params": params}, images)
+    model_state = model_state or {}  # BatchNorm statistics, shared by the members
+    apply = lambda params: model.apply({"params": params, **model_state}, images)
     if chunk is None:
         return jax.vmap(apply)(member_params)
     return jax.lax.map(apply, member_params, batch_size=chunk)
@@ -144,9 +167,12 @@ def teacher_predictor(folder: str, samples_per_run: int = 3, seed: int = 0):
                                                        samples_per_run)
     num_members = teachers.num_runs * samples_per_run
 
-    def member_logits(member_params, images, key):
-        return jnp.moveaxis(ensemble_logits(teachers.model, member_params, images), 0, 1)
+    def member_logits(args, images, key):
+        member_params, model_state = args
+        return jnp.moveaxis(ensemble_logits(teachers.model, member_params, images,
+                                            model_state=model_state), 0, 1)
 
     return Predictor(name=f"Teacher ({teachers.num_runs}x{samples_per_run})", kind=TEACHER_KIND,
-                     member_logits=member_logits, args=members, num_members=num_members,
+                     member_logits=member_logits, args=(members, teachers.moments["model_state"]),
+                     num_members=num_members,
                      num_params=count_params(members), sidecar=teachers.sidecars[0])

@@ -68,7 +68,28 @@ def test_mismatched_runs_are_named(tmp_path):
     write_runs(tmp_path / "a", 1)
     write_runs(tmp_path / "b", 1, data_name="CIFAR10_x32")
     os.rename(tmp_path / "b" / "seed0", tmp_path / "a" / "seed9")
-    with pytest.raises(UserError, match="seed9 was trained on CIFAR10_x32"):
+    with pytest.raises(UserError, match="seed9/model was trained on CIFAR10_x32"):
         load_teachers(str(tmp_path / "a"), data_name="FashionMNIST_x28")
     with pytest.raises(UserError, match="no teacher run"):
         load_teachers(str(tmp_path / "b"))
+
+
+def test_a_single_batchnorm_network_is_a_one_run_ensemble(tmp_path):
+    from utils.checkpoints import save_resnet
+    from utils.teachers import sample_teacher_logits
+
+    model = ResNet(10, depth=8, width=1, norm="bn", activation="relu", pixel_mean=(0.5,),
+                   pixel_std=(0.25,))
+    images = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+    variables = model.init(jax.random.PRNGKey(0), images)
+    _, state = model.apply(variables, images, train=True, mutable=["batch_stats"])  # non-trivial stats
+    variables = {"params": variables["params"], **state}
+    save_resnet(str(tmp_path / "ce" / "model"), model, variables["params"],
+                {"batch_stats": state["batch_stats"]}, data_name="FashionMNIST_x28")
+    teachers = load_teachers(str(tmp_path / "ce"), data_name="FashionMNIST_x28")
+    assert teachers.num_runs == 1
+    logits = jax.jit(sample_teacher_logits, static_argnums=(0, 4))(
+        teachers.model, teachers.moments, jax.random.PRNGKey(2), images, 3)
+    expected = model.apply(variables, images)  # eval mode: the running statistics
+    for member in range(3):  # zero deviation: every member is the network itself
+        np.testing.assert_allclose(logits[member], expected, rtol=1e-5, atol=1e-5)
