@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from models.resnet import ResNet
+from utils.cost import measure_latency
 from utils.teachers import ensemble_logits
 
 
@@ -41,7 +42,7 @@ def main():
     def python_loop(_, x):
         return jnp.stack([single(p, x) for p in member_list])
 
-    results = {name: common.time_call(fn, members, images, repeats=args.repeats)
+    results = {name: measure_latency(fn, members, images, repeats=args.repeats, jit=False)
                for name, fn in [("vmap", vmapped), ("lax_map", sequential), ("python_loop", python_loop)]}
     loop = results["python_loop"]["median_s"]
     common.save("teacher_ensemble", {
