@@ -196,3 +196,37 @@ def fake_fmnist_root(tmp_path, monkeypatch, no_system_fmnist):
     write_fmnist_dir(data_root / datasets.FASHION_MNIST_DIRNAME, arrays)
     return str(data_root)
 
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """For the distillation scripts' end-to-end tests: generated Fashion-MNIST-shaped data
+    (16 train / 8 val / 8 test), a 2-device mesh and a tiny SWAG teacher folder with two runs
+    (ResNet-8x1, the same moments twice)."""
+    import shutil
+
+    import jax
+
+    import sgd_swag
+    import utils.trainer
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 256, (24, 28, 28)), "train_labels": np.arange(24) % 10,
+              "test_images": rng.integers(0, 256, (8, 28, 28)), "test_labels": np.arange(8) % 10}
+    write_fmnist_dir(root / "data" / datasets.FASHION_MNIST_DIRNAME, arrays, gz=False)
+    mesh_2 = lambda devices=None: utils.trainer.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(datasets.DATASETS, "FashionMNIST_x28", dataclasses.replace(
+            datasets.DATASETS["FashionMNIST_x28"], num_train=16, num_val=8, num_test=8))
+        patch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIRS", [str(root / "no-system-copy")])
+        patch.setattr(datasets, "FASHION_MNIST_PAYLOAD_SHA256", {})
+        patch.setattr(utils.trainer, "make_mesh", mesh_2)
+        teachers = root / "teachers"
+        sgd_swag.main(["--config", os.path.join(ROOT, "config/teacher/fmnist_frnrelu_sgd_swag.yaml"),
+                       "--data_root", str(root / "data"), "--model_depth", "8", "--model_width", "1",
+                       "--optim_ne", "1", "--optim_bs", "8", "--start_decay_epoch", "0",
+                       "--start_swa_epoch", "0", "--save", str(teachers / "seed1"), "--seed", "1"])
+        shutil.copytree(teachers / "seed1", teachers / "seed2")
+        yield {"root": root, "data_root": str(root / "data"), "teachers": str(teachers),
+               "images": np.asarray(arrays["test_images"], np.uint8)[..., None]}

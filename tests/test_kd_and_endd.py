@@ -1,9 +1,7 @@
 """Tests of the KD / ProxyEnDD losses (models/losses.py), the balanced teacher draw
 (utils/teachers.py) and kd_and_endd.py end to end on generated Fashion-MNIST-shaped data."""
-import dataclasses
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,6 @@ import pytest
 import scipy.special
 import scipy.stats
 
-from data import datasets
 from models import losses
 from utils.errors import UserError
 from utils.teachers import balanced_runs, draw_members
@@ -247,43 +244,7 @@ def test_config_validation():
 # ---------------------------------------------------------------------- end to end (tiny)
 
 
-def write_idx(path, array):
-    array = np.ascontiguousarray(array, np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    with open(path, "wb") as f:
-        f.write(header + array.tobytes())
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory):
-    """Generated Fashion-MNIST-shaped data (16 train / 8 val / 8 test), a 2-device mesh and a
-    tiny SWAG teacher folder with two runs (ResNet-8x1)."""
-    import sgd_swag
-    import utils.trainer
-
-    root = tmp_path_factory.mktemp("tiny")
-    folder = root / "data" / "FashionMNIST"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    arrays = {"train_images": rng.integers(0, 256, (24, 28, 28)), "train_labels": np.arange(24) % 10,
-              "test_images": rng.integers(0, 256, (8, 28, 28)), "test_labels": np.arange(8) % 10}
-    for role, name in datasets.FASHION_MNIST_FILES.items():
-        write_idx(folder / name, arrays[role])
-    mesh_2 = lambda devices=None: utils.trainer.Mesh(np.asarray(jax.devices()[:2]), ("data",))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(datasets.DATASETS, "FashionMNIST_x28", dataclasses.replace(
-            datasets.DATASETS["FashionMNIST_x28"], num_train=16, num_val=8, num_test=8))
-        patch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIRS", [str(root / "no-system-copy")])
-        patch.setattr(datasets, "FASHION_MNIST_PAYLOAD_SHA256", {})
-        patch.setattr(utils.trainer, "make_mesh", mesh_2)
-        teachers = root / "teachers"
-        sgd_swag.main(["--config", os.path.join(ROOT, "config/teacher/fmnist_frnrelu_sgd_swag.yaml"),
-                       "--data_root", str(root / "data"), "--model_depth", "8", "--model_width", "1",
-                       "--optim_ne", "1", "--optim_bs", "8", "--start_decay_epoch", "0",
-                       "--start_swa_epoch", "0", "--save", str(teachers / "seed1"), "--seed", "1"])
-        shutil.copytree(teachers / "seed1", teachers / "seed2")  # a second run (same moments)
-        yield {"root": root, "data_root": str(root / "data"), "teachers": str(teachers),
-               "images": np.asarray(arrays["test_images"], np.uint8)[..., None]}
+# `tiny_setup` (data, a 2-device mesh, two teacher runs) lives in tests/conftest.py.
 
 
 def _common_args(setup, run_dir):
