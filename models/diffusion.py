@@ -17,7 +17,8 @@ type; its `timestep_map[j]` is the original index that the network receives at r
     guided = cfg_model_fn(model_fn_cond, model_fn_uncond, 2.0)
     x = jax.jit(lambda k: p_sample_loop(sampler, guided, k, (n, d)))(key)
 
-Follows the reference's behaviour (improved-DDPM maths as used by MAR): no x0 clipping, no 1/1000
+Follows the reference's behaviour (improved-DDPM maths as used by MAR): no x0 clipping unless
+asked for (`x0_clip`, a departure GenDD's configs may opt into), no 1/1000
 loss rescale, β at the respaced steps recomputed from ᾱ, the standard normal CDF of the t = 0
 decoder term approximated as Φ(x) ≈ ½(1 + tanh(√(2/π)(x + 0.044715x³))) (see
 `approx_standard_normal_cdf`).
@@ -207,10 +208,12 @@ def predict_x0_from_eps(diffusion: GaussianDiffusion, x_t, t, eps):
             - _extract(diffusion.sqrt_recipm1_alphas_cumprod, t, n) * eps)
 
 
-def p_mean_variance(diffusion: GaussianDiffusion, model_output, x_t, t):
+def p_mean_variance(diffusion: GaussianDiffusion, model_output, x_t, t,
+                    x0_clip: Optional[float] = None):
     """p(x_{t−1} | x_t) from a network output [..., 2d] = (ε̂, v), learned-range variance.
 
-    log σ² = f·log β_t + (1−f)·log σ̃²_t (clipped), f = (v+1)/2; x0 from ε̂ without clipping;
+    log σ² = f·log β_t + (1−f)·log σ̃²_t (clipped), f = (v+1)/2; x0 from ε̂, clipped to
+    [−x0_clip, x0_clip] when given (the reference does not clip: x0_clip=None);
     mean = posterior mean given (x0, x_t). Returns a dict with mean, variance, log_variance,
     pred_x0 and eps.
     """
@@ -224,6 +227,8 @@ def p_mean_variance(diffusion: GaussianDiffusion, model_output, x_t, t):
     frac = (v + 1.0) / 2.0
     log_var = frac * max_log + (1.0 - frac) * min_log
     pred_x0 = predict_x0_from_eps(diffusion, x_t, t, eps)
+    if x0_clip is not None:
+        pred_x0 = jnp.clip(pred_x0, -x0_clip, x0_clip)
     mean, _, _ = q_posterior_mean_variance(diffusion, pred_x0, x_t, t)
     return {"mean": mean, "variance": jnp.exp(log_var), "log_variance": log_var,
             "pred_x0": pred_x0, "eps": eps}
@@ -348,13 +353,14 @@ def cfg_model_fn_doubled(model_fn_doubled: ModelFn, scale: float) -> ModelFn:
     return guided
 
 
-def p_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, key, x, j, temperature=1.0):
+def p_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, key, x, j, temperature=1.0,
+             x0_clip: Optional[float] = None):
     """One ancestral step at step j of `diffusion` (a scalar, may be traced).
 
     The network gets the original index timestep_map[j]; x_{j−1} = mean + [j > 0]·σ·z·temperature.
     """
     t = jnp.full((x.shape[0],), j, dtype=jnp.int32)
-    out = p_mean_variance(diffusion, model_fn(x, diffusion.timestep_map[t]), x, t)
+    out = p_mean_variance(diffusion, model_fn(x, diffusion.timestep_map[t]), x, t, x0_clip)
     noise = jax.random.normal(key, x.shape, dtype=x.dtype)
     nonzero = (jnp.asarray(j) != 0).astype(x.dtype)
     return out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise * temperature
@@ -362,13 +368,15 @@ def p_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, key, x, j, tempera
 
 def p_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, key, shape,
                   temperature: float = 1.0, model_fn_uncond: Optional[ModelFn] = None,
-                  guidance_scale: Optional[float] = None, x_init=None):
+                  guidance_scale: Optional[float] = None, x_init=None,
+                  x0_clip: Optional[float] = None):
     """Ancestral DDPM sampling over all steps of `diffusion` (usually a `respace`d one).
 
     Starts from x ~ N(0, I) of `shape` (or `x_init`) and runs steps S−1..0 in a `lax.scan`;
     every step uses its own key folded from `key`; no noise is added at step 0. With
     `guidance_scale` and `model_fn_uncond` given, `model_fn` is the conditional network and the
-    two are combined with `cfg_model_fn`. Pure and jittable: close over the networks, e.g.
+    two are combined with `cfg_model_fn`. `x0_clip` clips every step's x̂0 (see
+    p_mean_variance). Pure and jittable: close over the networks, e.g.
     `jax.jit(lambda k: p_sample_loop(sampler, fn, k, (n, d)))`.
     """
     if (guidance_scale is None) != (model_fn_uncond is None):
@@ -381,7 +389,7 @@ def p_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, key, shape,
 
     def body(x, j):
         step_key = jax.random.fold_in(k_steps, j)
-        return p_sample(diffusion, model_fn, step_key, x, j, temperature), None
+        return p_sample(diffusion, model_fn, step_key, x, j, temperature, x0_clip), None
 
     x, _ = jax.lax.scan(body, x, steps)
     return x

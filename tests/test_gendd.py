@@ -290,7 +290,7 @@ def test_two_stages_on_two_devices_and_predictor(tmp_path, fake_fmnist):
 
     s2 = str(tmp_path / "s2")
     gendd.run(parse_config(gendd.GenDDConfig, _argv(tmp_path, fake_fmnist, teacher, 2, s2,
-                                                    ["--init_from", s1])), mesh)
+                                                    ["--init_from", s1, "--x0_clip", "0.5"])), mesh)
     records = [json.loads(line) for line in open(os.path.join(s2, "metrics.jsonl"))]
     last = records[-1]
     assert last["step"] == 2
@@ -299,6 +299,7 @@ def test_two_stages_on_two_devices_and_predictor(tmp_path, fake_fmnist):
         assert np.isfinite(last[name]), name
     side2 = json.load(open(os.path.join(s2, "model", "sidecar.json")))
     assert side2["gendd_stage"] == 2 and side2["head"]["num_tokens"] == 2
+    assert side2["x0_clip"] == 0.5
 
     # stage 2 started from stage 1's student (P dropped): the exports differ only by training
     from utils.checkpoints import load_export
@@ -318,6 +319,11 @@ def test_two_stages_on_two_devices_and_predictor(tmp_path, fake_fmnist):
     logits = predict(predictor, images, batch_size=4, mesh=mesh)
     assert logits.shape == (6, 3, 10) and np.all(np.isfinite(logits))
     assert not np.allclose(logits[:, 0], logits[:, 1])  # members are distinct samples
+    # x0_clip travels with the export: every sampled feature lies in [-0.5, 0.5]^D, so each
+    # logit is within 0.5·Σ_d|W_dk| of the bias (the last step's mean is the clipped x̂0)
+    classifier = a2["teacher_classifier"]
+    bound = 0.5 * np.abs(classifier["kernel"]).sum(0) + np.abs(classifier["bias"]) + 1e-4
+    assert np.all(np.abs(logits) <= bound)
     probe = predict(gendd.load_predictor(os.path.join(s2, "model"), probe=True), images,
                     batch_size=4, mesh=mesh)
     stage1 = predict(load_any_predictor(s1), images, batch_size=4, mesh=mesh)

@@ -443,3 +443,22 @@ def test_cfg(sampler):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError):
         D.p_sample_loop(sampler, fc, key, (3, 2), guidance_scale=2.0)
+
+
+def test_x0_clip_bounds_the_step_and_is_off_by_default(full, sampler):
+    xt = jnp.linspace(-3, 3, 8)[:, None]
+    t = jnp.full((8,), 999, jnp.int32)
+    wild = jnp.concatenate([jnp.full_like(xt, 5.0), jnp.zeros_like(xt)], -1)  # ε̂ far off
+    free = D.p_mean_variance(full, wild, xt, t)
+    clipped = D.p_mean_variance(full, wild, xt, t, x0_clip=1.0)
+    assert float(jnp.abs(free["pred_x0"]).max()) > 100  # the unclipped first step explodes
+    np.testing.assert_allclose(clipped["pred_x0"], jnp.clip(free["pred_x0"], -1, 1))
+    mean, _, _ = D.q_posterior_mean_variance(full, clipped["pred_x0"], xt, t)
+    np.testing.assert_allclose(clipped["mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(clipped["variance"], free["variance"])
+    # the whole loop: a network that always predicts ε̂ = 5 stays inside the clip box (plus the
+    # last step's noise-free mean, a convex mix of x̂0 and x_1 that ends near x̂0)
+    model_fn = lambda x, t: jnp.concatenate([jnp.full_like(x, 5.0), jnp.zeros_like(x)], -1)
+    loop = lambda clip: D.p_sample_loop(sampler, model_fn, jax.random.key(0), (64, 1), x0_clip=clip)
+    assert float(jnp.abs(loop(None)).max()) > 10
+    assert float(jnp.abs(loop(1.0)).max()) <= 1.0 + 1e-4
