@@ -56,6 +56,9 @@ HEAD_FIELDS = ("hidden_size", "time_embed_dim", "num_blocks", "noise_var", "drop
 class EdfmConfig(CommonConfig):
     data_subname: Optional[str] = None  # the reference's c10/c100 tag; accepted, not used
     mixup_alpha: float = 0.4
+    randaugment: bool = True  # RandAugment(2, 9) before crop/flip/mixup (spec §1)
+    crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
+    flip: bool = True  # random horizontal flip
     teacher_dir: str = "checkpoints_teacher/fmnist"
     pretrained_resnet: str = "checkpoints_teacher/kd/fmnist"  # a KD run directory or its model/
     # Head (models.vector_field.AdaLNMLP)
@@ -107,6 +110,7 @@ class EdfmConfig(CommonConfig):
                   "time_scale": self.time_scale > 0, "optim_lr": self.optim_lr > 0,
                   "train_time_trunc": 0 <= self.train_time_trunc < 1, "droprate": 0 <= self.droprate < 1,
                   "ema_decay": 0 <= self.ema_decay < 1, "mixup_alpha": self.mixup_alpha >= 0,
+                  "crop_padding": self.crop_padding >= 0,
                   "optim_weight_decay": self.optim_weight_decay >= 0, "warmup_steps": self.warmup_steps >= 0,
                   "optim_momentum": 0 <= self.optim_momentum < 1}
         for key, ok in checks.items():
@@ -160,7 +164,9 @@ def make_loss_fn(head, backbone, teacher_model, config: EdfmConfig):
 
     def loss_fn(params, model_state, frozen, batch, key):
         keys = step_keys(key)
-        images, _ = student_pipeline(keys["augment"], batch, mixup_alpha=config.mixup_alpha)
+        images, _ = student_pipeline(keys["augment"], batch, mixup_alpha=config.mixup_alpha,
+                                     randaugment=config.randaugment,
+                                     crop_padding=config.crop_padding, flip=config.flip)
         target = teacher_targets(teacher_model, frozen["teacher"], keys["teacher"], images)
         condition = backbone_features(backbone, frozen["backbone"], images)
 

@@ -56,6 +56,9 @@ SELECT_METRICS = ("ens_nll", "ens_acc", "nll", "acc")
 class FedConfig(CommonConfig):
     seed: int = 2025
     mixup_alpha: float = 0.4
+    randaugment: bool = True  # RandAugment(2, 9) before crop/flip/mixup (spec §1)
+    crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
+    flip: bool = True  # random horizontal flip
     teacher_dir: str = "checkpoints_teacher/fmnist"
     num_teachers: int = 8  # student copies and teacher SWAG samples per step
     num_ensembles: int = 8  # generator samples per image at validation (the reference: 1)
@@ -80,6 +83,7 @@ class FedConfig(CommonConfig):
         if self.kernel != "rbf":
             raise UserError(f"kernel must be rbf, got {self.kernel!r}")
         checks = [("mixup_alpha", self.mixup_alpha >= 0, ">= 0"),
+                  ("crop_padding", self.crop_padding >= 0, ">= 0"),
                   ("num_teachers", self.num_teachers >= 1, ">= 1"),
                   ("num_ensembles", self.num_ensembles >= 1, ">= 1"),
                   ("optim_lr", self.optim_lr > 0, "> 0"),
@@ -142,7 +146,9 @@ def make_loss_fn(model, teacher_model, config: FedConfig):
 
     def loss_fn(params, model_state, frozen, batch, key):
         augment_key, noise_key, teacher_key = jax.random.split(key, 3)
-        images, labels = student_pipeline(augment_key, batch, mixup_alpha=config.mixup_alpha)
+        images, labels = student_pipeline(augment_key, batch, mixup_alpha=config.mixup_alpha,
+                                          randaugment=config.randaugment,
+                                          crop_padding=config.crop_padding, flip=config.flip)
         logits, updates = generator_logits(model, {"params": params, **model_state}, images,
                                            noise_key, num_members, train=True)
         student_probs = jnp.moveaxis(jax.nn.softmax(logits), 1, 0)  # [M, B, K]

@@ -65,6 +65,9 @@ class DistillConfig(CommonConfig):
     baseline_method: str = "KD"  # KD | ProxyEnDD
     seed: int = 2025
     mixup_alpha: float = 0.4
+    randaugment: bool = True  # RandAugment(2, 9) before crop/flip/mixup (spec §1)
+    crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
+    flip: bool = True  # random horizontal flip
     teacher_dir: str = "checkpoints_teacher/fmnist"
     num_teachers: int = 30  # teacher members (SWAG samples) per step, balanced over the runs
     num_classes: Optional[int] = None  # taken from the data set; if given, it must match
@@ -89,6 +92,7 @@ class DistillConfig(CommonConfig):
         if self.optim not in ("sgd", "adam"):
             raise UserError(f"optim must be sgd or adam, got {self.optim!r}")
         checks = [("mixup_alpha", self.mixup_alpha >= 0, ">= 0"),
+                  ("crop_padding", self.crop_padding >= 0, ">= 0"),
                   ("num_teachers", self.num_teachers >= 1, ">= 1"),
                   ("optim_lr", self.optim_lr > 0, "> 0"),
                   ("optim_momentum", 0 <= self.optim_momentum < 1, "in [0, 1)"),
@@ -134,7 +138,9 @@ def make_loss_fn(model, teacher_model, config: DistillConfig):
 
     def loss_fn(params, model_state, frozen, batch, key):
         augment_key, teacher_key = jax.random.split(key)
-        images, labels = student_pipeline(augment_key, batch, mixup_alpha=config.mixup_alpha)
+        images, labels = student_pipeline(augment_key, batch, mixup_alpha=config.mixup_alpha,
+                                          randaugment=config.randaugment,
+                                          crop_padding=config.crop_padding, flip=config.flip)
         teacher_logits = sample_teacher_logits(teacher_model, frozen["teachers"], teacher_key,
                                                images, config.num_teachers)
         logits, updates = model.apply({"params": params, **model_state}, images, train=True,

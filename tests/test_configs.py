@@ -37,3 +37,16 @@ def test_every_method_has_its_three_data_sets():
             assert f"{method}_{data}_frnrelu.yaml" in names
     for data in ("c10", "c100", "fmnist"):
         assert f"{data}_frnrelu_sgd_swag.yaml" in names
+
+
+@pytest.mark.parametrize("cls", [DistillConfig, FedConfig, EdfmConfig])
+def test_student_augmentation_keys(cls):
+    """The spec's CIFAR pipeline by default; each step can be switched, and bad values refused."""
+    from utils.errors import UserError
+
+    default = parse_config(cls, [])
+    assert (default.randaugment, default.crop_padding, default.flip) == (True, 4, True)
+    fmnist = parse_config(cls, ["--crop_padding", "1", "--flip", "false", "--randaugment", "false"])
+    assert (fmnist.randaugment, fmnist.crop_padding, fmnist.flip) == (False, 1, False)
+    with pytest.raises(UserError, match="crop_padding"):
+        parse_config(cls, ["--crop_padding", "-1"])
