@@ -1,0 +1,105 @@
+"""The pretrained Fashion-MNIST teachers and KD backbone committed under checkpoints_teacher/:
+what their sidecars and configs say, their size, and their accuracy on a fixed test slice.
+
+The expected accuracies were measured once with the committed checkpoints (README, *Pretrained
+teachers*); a checkpoint replaced, corrupted or loaded differently moves them by more than the
+tolerance (a few images of the slice)."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEACHERS = os.path.join(ROOT, "checkpoints_teacher", "fmnist")
+KD = os.path.join(ROOT, "checkpoints_teacher", "kd", "fmnist")
+TEACHER_CONFIG = os.path.join(ROOT, "config", "teacher", "fmnist_frnrelu_sgd_swag.yaml")
+KD_CONFIG = os.path.join(ROOT, "config", "distillation", "kd_fmnist_frnrelu.yaml")
+
+SLICE = slice(0, 2000)  # the first 2000 images of the official test split
+# Measured on SLICE with the committed checkpoints (float32, CPU).
+EXPECTED_TEACHER_ACC = 0.9260  # 4 runs x 3 SWAG samples drawn with PRNGKey(0)
+EXPECTED_KD_ACC = 0.9040
+TOLERANCE = 3 / 2000  # three images: float reductions may differ across machines
+
+
+def _runs():
+    return sorted(glob.glob(os.path.join(TEACHERS, "*", "model")))
+
+
+def _yaml(path):
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def test_teacher_runs_were_trained_by_the_committed_config():
+    from utils.checkpoints import read_sidecar
+
+    runs = _runs()
+    assert len(runs) >= 4
+    committed = _yaml(TEACHER_CONFIG)
+    seeds = set()
+    for export in runs:
+        sidecar = read_sidecar(export)
+        assert sidecar["kind"] == "swag_teacher" and sidecar["trained_by"] == "sgd_swag.py"
+        assert sidecar["data_name"] == "FashionMNIST_x28" and sidecar["num_classes"] == 10
+        assert sidecar["num_snapshots"] > 0  # SWAG moments were collected
+        assert sidecar["model"] == read_sidecar(runs[0])["model"]
+        seeds.add(sidecar["seed"])
+        resolved = _yaml(os.path.join(os.path.dirname(export), "config.yaml"))
+        for key, value in committed.items():
+            if key not in ("seed", "data_root"):
+                assert resolved[key] == value, key
+        assert resolved["num_train_examples"] is None  # the whole training split
+        assert resolved["num_swag_samples"] >= 3
+    assert len(seeds) == len(runs)
+
+
+def test_kd_backbone_was_distilled_from_the_shipped_teachers():
+    from utils.checkpoints import read_sidecar
+
+    sidecar = read_sidecar(os.path.join(KD, "model"))
+    assert sidecar["kind"] == "resnet" and sidecar["data_name"] == "FashionMNIST_x28"
+    resolved = _yaml(os.path.join(KD, "config.yaml"))
+    assert resolved["teacher_dir"] == "checkpoints_teacher/fmnist"
+    assert resolved["baseline_method"] == "KD" and resolved["num_train_examples"] is None
+    for key, value in _yaml(KD_CONFIG).items():
+        if key != "data_root":
+            assert resolved[key] == value, key
+
+
+def test_shipped_checkpoints_are_small_and_hold_no_training_state():
+    files = [os.path.join(d, f) for top in (TEACHERS, KD) for d, _, fs in os.walk(top) for f in fs]
+    assert sum(os.path.getsize(f) for f in files) <= 60 * 2**20
+    run_dirs = [os.path.dirname(export) for export in _runs()] + [KD]
+    for run_dir in run_dirs:  # resumable optimizer state (checkpoints/, best/) is not shipped
+        assert sorted(os.listdir(run_dir)) == ["config.yaml", "metrics.jsonl", "model"], run_dir
+
+
+@pytest.fixture(scope="module")
+def test_slice():
+    from data.datasets import load_dataset
+
+    test = load_dataset("FashionMNIST_x28", os.path.join(ROOT, "data")).test
+    return test.images[SLICE], test.labels[SLICE]
+
+
+def test_known_accuracy_on_a_fixed_test_slice(test_slice):
+    from utils.predict import load_predictor, predict
+    from utils.teachers import teacher_predictor
+
+    images, labels = test_slice
+    teacher_logits = predict(teacher_predictor(TEACHERS, samples_per_run=3, seed=0), images)
+    assert teacher_logits.shape == (len(labels), 3 * len(_runs()), 10)
+    member_acc = (teacher_logits.argmax(-1) == labels[:, None]).mean(0)
+    mean_probs = np.exp(teacher_logits - teacher_logits.max(-1, keepdims=True))
+    mean_probs = (mean_probs / mean_probs.sum(-1, keepdims=True)).mean(1)
+    ensemble_acc = float((mean_probs.argmax(-1) == labels).mean())
+    kd_logits = predict(load_predictor(KD), images)
+    kd_acc = float((kd_logits[:, 0].argmax(-1) == labels).mean())
+    print(f"teacher members {np.round(member_acc, 4).tolist()} ensemble {ensemble_acc:.4f} "
+          f"KD {kd_acc:.4f}")
+    assert abs(ensemble_acc - EXPECTED_TEACHER_ACC) <= TOLERANCE
+    assert abs(kd_acc - EXPECTED_KD_ACC) <= TOLERANCE
+    assert ensemble_acc >= member_acc.mean()  # the ensemble is at least its average member
