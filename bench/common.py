@@ -1,11 +1,25 @@
-"""Shared by the benchmarks: the repository on sys.path, the device in words, JSON results.
+"""Shared by the benchmarks: the repository on sys.path, the device in words, JSON results,
+and the training steps of the scripts built at the paper's sizes on generated data.
 
 Timing and FLOPs come from utils/cost.py (measure_latency: warm-up, block_until_ready,
-medians; xla_flops: XLA cost analysis), the same code evaluate.py reports with."""
+medians; xla_flops: XLA cost analysis), the same code evaluate.py reports with.
+
+`build_step(method, args)` builds the real train step of sgd_swag.py, kd_and_endd.py (KD) or
+edfm.py from the script's own config dataclass (its YAML for the preset, plus the size flags),
+make_loss_fn and make_optimizer, with utils.trainer.make_train_step on make_mesh() over all
+devices, and places state, frozen arrays and a generated uint8 training set on the mesh as
+Trainer.fit does. The teachers are a generated stack of SWAG moments (`--teacher_runs` runs).
+Results go to bench/results/<name>-<platform>.json (name = bench-preset[-bfloat16] for these
+benches: result_name), or to `--out_dir` / $BENCH_RESULTS_DIR.
+"""
+import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
 import sys
+from typing import Any, Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -22,9 +36,9 @@ def device_description() -> str:
     return f"{len(jax.devices())} x {kind}"
 
 
-def save(name: str, results: dict) -> str:
+def save(name: str, results: dict, out_dir: Optional[str] = None) -> str:
     results = {"benchmark": name, "device": device_description(), "jax": jax.__version__, **results}
-    out_dir = os.path.join(ROOT, "bench", "results")
+    out_dir = out_dir or os.environ.get("BENCH_RESULTS_DIR") or os.path.join(ROOT, "bench", "results")
     os.makedirs(out_dir, exist_ok=True)
     platform_tag = jax.devices()[0].platform
     path = os.path.join(out_dir, f"{name}-{platform_tag}.json")
@@ -33,3 +47,313 @@ def save(name: str, results: dict) -> str:
     print(json.dumps(results, indent=1))
     print(f"wrote {path}")
     return path
+
+
+# ------------------------------------------------------------------------- shared arguments
+# The paper's configurations: data set (pixel statistics, train size, classes) and the YAMLs
+# of the scripts whose steps are built. --depth/--width/... override them for tiny runs.
+PRESETS = {
+    "c10": {"data": "CIFAR10_x32", "sgd_swag": "config/teacher/c10_frnrelu_sgd_swag.yaml",
+            "kd": "config/distillation/kd_c10_frnrelu.yaml",
+            "edfm": "config/distillation/edfm_c10_frnrelu.yaml"},
+    "c100": {"data": "CIFAR100_x32", "sgd_swag": "config/teacher/c100_frnrelu_sgd_swag.yaml",
+             "kd": "config/distillation/kd_c100_frnrelu.yaml",
+             "edfm": "config/distillation/edfm_c100_frnrelu.yaml"},
+}
+METHODS = ("sgd_swag", "kd", "edfm")
+
+
+def add_run_args(parser: argparse.ArgumentParser):
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compiling")
+    parser.add_argument("--out_dir", default=None,
+                        help="where the JSON goes (default $BENCH_RESULTS_DIR or bench/results)")
+
+
+def add_model_args(parser: argparse.ArgumentParser, training: bool = True):
+    """The preset and its size overrides; `training` adds the train-step-only flags."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="c10",
+                        help="c10: ResNet-32x2, 10 classes; c100: ResNet-32x4, 100 classes")
+    parser.add_argument("--depth", type=int, help="ResNet depth of every network (default: config)")
+    parser.add_argument("--width", type=int, help="ResNet width of every network (default: config)")
+    parser.add_argument("--batch", type=int, default=128, help="global batch size")
+    parser.add_argument("--classes", type=int, help="classes (default: the preset's data set)")
+    parser.add_argument("--size", type=int, default=32, help="image height and width")
+    parser.add_argument("--teacher_runs", type=int, default=10, help="generated MultiSWAG runs")
+    if not training:
+        parser.set_defaults(dtype="float32", num_teachers=None, num_images=None)
+        return
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the scripts' `dtype` key: compute dtype of the ResNets")
+    parser.add_argument("--num_teachers", type=int,
+                        help="KD teacher members per step (default: the KD config's, 30)")
+    parser.add_argument("--num_images", type=int,
+                        help="generated uint8 training set on the devices (default: the "
+                             "preset's train split, 40960)")
+
+
+def preset_config(method: str, args):
+    """The script's config dataclass from the preset's YAML and the size flags, validated as
+    the script validates it (utils.config.parse_config)."""
+    from utils.config import parse_config
+
+    if method == "sgd_swag":
+        from sgd_swag import SwagConfig as cls
+    elif method == "kd":
+        from kd_and_endd import DistillConfig as cls
+    else:
+        from edfm import EdfmConfig as cls
+    argv = ["--config", os.path.join(ROOT, PRESETS[args.preset][method]),
+            "--optim_bs", str(args.batch), "--dtype", args.dtype]
+    argv += ["--model_depth", str(args.depth)] if args.depth else []
+    argv += ["--model_width", str(args.width)] if args.width else []
+    if method != "sgd_swag" and args.classes:
+        argv += ["--num_classes", str(args.classes)]
+    if method == "kd":
+        argv += ["--baseline_method", "KD"]
+        argv += ["--num_teachers", str(args.num_teachers)] if args.num_teachers else []
+    return parse_config(cls, argv)
+
+
+def data_spec(args):
+    from data.datasets import DATASETS
+
+    spec = DATASETS[PRESETS[args.preset]["data"]]
+    return spec, args.classes or spec.num_classes
+
+
+# ------------------------------------------------------------------------------ train steps
+@dataclasses.dataclass
+class StepBench:
+    """One script's train step, ready to call as Trainer._run_epoch calls it:
+    `state, metrics = step(state, *args)`, args = (frozen, images, labels, indices, mask)."""
+
+    name: str
+    step: Callable  # utils.trainer.make_train_step's jitted function (state donated)
+    state: Any
+    args: tuple
+    config: Any
+    mesh: Any
+    batch_size: int
+
+
+_INITS = {}  # repr(model) -> its initial variables: one init compile per architecture
+
+
+def init_variables(model, image_shape) -> dict:
+    """`jax.jit(model.init)(key, one image)` as the scripts call it, memoised per architecture
+    (the values do not change the timings; the key is fixed)."""
+    import numpy as np
+
+    key = (repr(model), tuple(image_shape))
+    if key not in _INITS:
+        example = np.zeros((1, *image_shape), np.float32)
+        _INITS[key] = jax.device_get(jax.jit(model.init)(jax.random.PRNGKey(0), example))
+    return dict(_INITS[key])
+
+
+def teacher_moments(model, num_runs: int, image_shape) -> dict:
+    """Generated MultiSWAG moments as utils.teachers.load_teachers stacks them: R runs of one
+    architecture ({"mean", "std": [R, ...] float32, "model_state": {}})."""
+    import numpy as np
+
+    params = init_variables(model, image_shape)["params"]
+    runs = lambda scale: jax.tree.map(
+        lambda p: np.stack([np.asarray(p) * scale * (1 + 0.01 * r) for r in range(num_runs)]), params)
+    return {"mean": runs(1.0), "std": jax.tree.map(np.abs, runs(0.05)), "model_state": {}}
+
+
+def build_step(method: str, args, mesh=None) -> StepBench:
+    """The train step of `method` (sgd_swag | kd | edfm) as its script builds it."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from models.resnet import resnet_from_config
+    from utils.trainer import (TrainState, batch_sharded, make_mesh, make_train_step,
+                               put_replicated, replicated, to_global)
+
+    mesh = make_mesh() if mesh is None else mesh
+    config = preset_config(method, args)
+    spec, num_classes = data_spec(args)
+    image_shape = (args.size, args.size, 3)
+    dtype = jnp.dtype(config.dtype)
+    steps_per_epoch = -(-spec.num_train // config.optim_bs)
+    resnet = lambda cfg: resnet_from_config(cfg, num_classes, spec.pixel_mean, spec.pixel_std,
+                                            dtype=dtype)
+
+    def init(model):
+        variables = init_variables(model, image_shape)
+        return variables.pop("params"), variables
+
+    frozen, ema_decay = None, 0.0
+    if method != "sgd_swag":  # the teachers: MultiSWAG runs of the preset's teacher architecture
+        teacher_model = resnet(preset_config("sgd_swag", args))
+        moments = teacher_moments(teacher_model, args.teacher_runs, image_shape)
+    if method == "sgd_swag":
+        import sgd_swag
+
+        model = resnet(config)
+        params, model_state = init(model)
+        schedule = sgd_swag.learning_rate_schedule(config, steps_per_epoch)
+        optimizer = sgd_swag.make_optimizer(config, schedule, steps_per_epoch)
+        loss_fn = sgd_swag.make_loss_fn(model)
+    elif method == "kd":
+        import kd_and_endd
+        from utils.optim import warmup_cosine
+
+        model = resnet(config)
+        params, model_state = init(model)
+        schedule = warmup_cosine(config.optim_lr, config.optim_ne * steps_per_epoch,
+                                 config.warmup_steps, config.warmup_factor)
+        optimizer = kd_and_endd.make_optimizer(config, schedule)
+        loss_fn = kd_and_endd.make_loss_fn(model, teacher_model, config)
+        frozen = {"teachers": moments}
+    elif method == "edfm":
+        import edfm
+
+        backbone = resnet(config)  # the frozen KD backbone: the config's model_* keys
+        backbone_params, backbone_state = init(backbone)
+        backbone_variables = {"params": backbone_params, **backbone_state}
+        head = edfm.make_head(num_classes, **{k: getattr(config, k) for k in edfm.HEAD_FIELDS})
+        cond_dim = edfm.feature_dim(backbone, backbone_variables, image_shape)
+        params = jax.jit(head.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, num_classes)),
+                                    jnp.zeros((1, cond_dim)), jnp.zeros((1,)))["params"]
+        model_state, ema_decay = {}, config.ema_decay
+        optimizer, _ = edfm.make_optimizer(config, steps_per_epoch * config.optim_ne)
+        loss_fn = edfm.make_loss_fn(head, backbone, teacher_model, config)
+        frozen = {"teacher": moments, "backbone": backbone_variables}
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if config.optim_bs % mesh.size:
+        raise ValueError(f"batch {config.optim_bs} is not a multiple of the {mesh.size} devices")
+
+    state = TrainState.create(params, optimizer, model_state, ema=ema_decay > 0)
+    step = make_train_step(loss_fn, optimizer, config.seed, ema_decay, mesh)
+    # Placed as Trainer.fit places them: state, frozen and the uint8 set replicated, the
+    # batch's indices and mask sharded along `data`.
+    rng = np.random.default_rng(0)
+    num_images = args.num_images or spec.num_train
+    images = rng.integers(0, 256, (num_images, *image_shape), dtype=np.uint8)
+    labels = (np.arange(num_images) % num_classes).astype(np.int32)
+    indices = rng.permutation(num_images)[:config.optim_bs].astype(np.int32)
+    if len(indices) < config.optim_bs:
+        raise ValueError(f"--num_images {num_images} is smaller than the batch {config.optim_bs}")
+    placed = (put_replicated(frozen, mesh), to_global(images, replicated(mesh)),
+              to_global(labels, replicated(mesh)), to_global(indices, batch_sharded(mesh)),
+              to_global(np.ones(config.optim_bs, bool), batch_sharded(mesh)))
+    return StepBench(method, step, put_replicated(state, mesh), placed, config, mesh, config.optim_bs)
+
+
+def compile_step(bench: StepBench):
+    """The step compiled ahead of time (donation kept): one compile for timing and memory."""
+    return bench.step.lower(bench.state, *bench.args).compile()
+
+
+def time_step(bench: StepBench, compiled, repeats: int, warmup: int) -> dict:
+    """utils.cost.measure_latency of one training step; the donated state is threaded through
+    the calls (and left in bench.state), so every call runs on a live state as in training."""
+    from utils.cost import measure_latency
+
+    def call():
+        bench.state, metrics = compiled(bench.state, *bench.args)
+        return bench.state, metrics
+
+    return summary(measure_latency(call, repeats=repeats, warmup=warmup, jit=False))
+
+
+def step_flops(bench: StepBench) -> dict:
+    """FLOPs of one step from XLA's cost analysis (utils.cost.xla_flops: scans such as the
+    teachers' lax.map on CPU and RandAugment's layers unrolled; donation does not apply there).
+    XLA analyses the per-device program of the data-parallel step: the step's total is that
+    times the number of devices."""
+    from utils.cost import xla_flops
+
+    count = xla_flops(bench.step, bench.state, *bench.args)
+    return {"flops_per_step": count.flops * bench.mesh.size,
+            "flops_per_device_step": count.flops, "flops_exact_loops": count.exact_loops}
+
+
+def summary(timing: dict) -> dict:
+    keys = ("median_s", "min_s", "max_s", "repeats", "warmup", "times_s")
+    return {k: timing[k] for k in keys}
+
+
+# ------------------------------------------------------------------------------- peak FLOP/s
+# Dense peak FLOP/s per device by precision (vendor data sheets). Matched on device_kind,
+# most specific name first; H200 has the H100 SXM's compute.
+PEAK_FLOPS = (
+    ("H100 PCIe", {"bfloat16": 756e12, "tensorfloat32": 378e12, "float32": 51e12}),
+    ("H100", {"bfloat16": 989e12, "tensorfloat32": 494e12, "float32": 67e12}),
+    ("H200", {"bfloat16": 989e12, "tensorfloat32": 494e12, "float32": 67e12}),
+    ("A100", {"bfloat16": 312e12, "tensorfloat32": 156e12, "float32": 19.5e12}),
+)
+
+
+def precision_basis(dtype: str) -> str:
+    """Which peak applies: bfloat16 compute; float32 runs its convolutions and matmuls in TF32
+    on NVIDIA tensor cores under JAX's default matmul precision, unless that is set higher."""
+    if dtype == "bfloat16":
+        return "bfloat16"
+    setting = getattr(jax.config, "jax_default_matmul_precision", None)
+    setting = str(getattr(setting, "value", setting) or "default").lower()
+    return "float32" if setting in ("highest", "float32", "f32_f32_f32") else "tensorfloat32"
+
+
+def peak_flops(dtype: str, override: Optional[float] = None):
+    """(peak FLOP/s of one device or None, where it comes from)."""
+    if override:
+        return float(override), "--peak_flops"
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        basis = precision_basis(dtype)
+        for name, peaks in PEAK_FLOPS:
+            if name.lower() in device.device_kind.lower():
+                return peaks[basis], f"{name} {basis} dense (table in bench/common.py)"
+    return None, f"unknown for {getattr(device, 'device_kind', device.platform)}: pass --peak_flops"
+
+
+# ----------------------------------------------------------------------------------- memory
+MIB = 2.0 ** 20
+
+
+def memory_analysis_mib(compiled) -> Optional[dict]:
+    """XLA's buffer assignment of a compiled program, per device, in MiB (None if the backend
+    gives none). `peak_estimate` = argument + output − alias (donated) + temp."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    fields = ("argument", "output", "alias", "temp", "generated_code")
+    out = {name: getattr(stats, f"{name}_size_in_bytes") / MIB for name in fields}
+    out["peak_estimate"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def device_memory_mib() -> Optional[dict]:
+    """The allocator's counters of device 0 in MiB (accelerators; None on CPU)."""
+    stats_fn = getattr(jax.devices()[0], "memory_stats", None)
+    stats = stats_fn() if stats_fn else None
+    if not stats:
+        return None
+    names = ("peak_bytes_in_use", "bytes_in_use", "bytes_limit")
+    return {name.replace("_bytes", ""): stats[name] / MIB for name in names if name in stats}
+
+
+def print_rows(title: str, rows: dict, columns: dict):
+    """A small table: rows {name: {key: value}}, columns {key: format spec}."""
+    print(title)
+    print(f"{'':<12}" + "".join(f"{key:>22}" for key in columns))
+    for name, row in rows.items():
+        cells = []
+        for key, fmt in columns.items():
+            value = row.get(key)
+            cells.append(f"{'-' if value is None else format(value, fmt):>22}")
+        print(f"{name:<12}" + "".join(cells))
+
+
+def result_name(name: str, args) -> str:
+    """`name-<preset>[-bfloat16]`, so that runs at other settings do not overwrite each other."""
+    return f"{name}-{args.preset}" + ("-bfloat16" if args.dtype == "bfloat16" else "")
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None or not math.isfinite(a) or not b else a / b
