@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data.augment import student_pipeline
+from data.augment import configured_pipeline
 from data.datasets import load_dataset
 from models.flow_matching import METHODS, flow_matching_loss, num_function_evals, solve
 from models.resnet import resnet_from_spec, resnet_spec
@@ -164,9 +164,7 @@ def make_loss_fn(head, backbone, teacher_model, config: EdfmConfig):
 
     def loss_fn(params, model_state, frozen, batch, key):
         keys = step_keys(key)
-        images, _ = student_pipeline(keys["augment"], batch, mixup_alpha=config.mixup_alpha,
-                                     randaugment=config.randaugment,
-                                     crop_padding=config.crop_padding, flip=config.flip)
+        images, _ = configured_pipeline(keys["augment"], batch, config)
         target = teacher_targets(teacher_model, frozen["teacher"], keys["teacher"], images)
         condition = backbone_features(backbone, frozen["backbone"], images)
 

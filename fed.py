@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from data.augment import student_pipeline
+from data.augment import configured_pipeline
 from data.datasets import load_dataset
 from models import losses
 from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
@@ -146,9 +146,7 @@ def make_loss_fn(model, teacher_model, config: FedConfig):
 
     def loss_fn(params, model_state, frozen, batch, key):
         augment_key, noise_key, teacher_key = jax.random.split(key, 3)
-        images, labels = student_pipeline(augment_key, batch, mixup_alpha=config.mixup_alpha,
-                                          randaugment=config.randaugment,
-                                          crop_padding=config.crop_padding, flip=config.flip)
+        images, labels = configured_pipeline(augment_key, batch, config)
         logits, updates = generator_logits(model, {"params": params, **model_state}, images,
                                            noise_key, num_members, train=True)
         student_probs = jnp.moveaxis(jax.nn.softmax(logits), 1, 0)  # [M, B, K]

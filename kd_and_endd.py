@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from data.augment import student_pipeline
+from data.augment import configured_pipeline
 from data.datasets import load_dataset
 from models import losses
 from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
@@ -138,9 +138,7 @@ def make_loss_fn(model, teacher_model, config: DistillConfig):
 
     def loss_fn(params, model_state, frozen, batch, key):
         augment_key, teacher_key = jax.random.split(key)
-        images, labels = student_pipeline(augment_key, batch, mixup_alpha=config.mixup_alpha,
-                                          randaugment=config.randaugment,
-                                          crop_padding=config.crop_padding, flip=config.flip)
+        images, labels = configured_pipeline(augment_key, batch, config)
         teacher_logits = sample_teacher_logits(teacher_model, frozen["teachers"], teacher_key,
                                                images, config.num_teachers)
         logits, updates = model.apply({"params": params, **model_state}, images, train=True,

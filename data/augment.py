@@ -671,6 +671,13 @@ def mixup(
     return out_images, out_labels
 
 
+def configured_pipeline(key, batch, config):
+    """`student_pipeline` with a method config's mixup_alpha, randaugment, crop_padding, flip."""
+    return student_pipeline(key, batch, mixup_alpha=config.mixup_alpha,
+                            randaugment=config.randaugment, crop_padding=config.crop_padding,
+                            flip=config.flip)
+
+
 def student_pipeline(key, batch, *, mixup_alpha: float, randaugment: bool = True,
                      crop_padding: int = 4, flip: bool = True):
     """The distillation students' input pipeline (spec §1), per image with its own key:
