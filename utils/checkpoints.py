@@ -28,14 +28,19 @@ class RunCheckpoints:
 
     def __init__(self, run_dir: str, keep: int = 2, best_mode: str = "min"):
         self.best_mode = best_mode
+        # The two managers save the same step concurrently; on several hosts each needs its own
+        # barrier names, or their barriers collide ("already ongoing") and the run hangs.
         self.latest = ocp.CheckpointManager(
             os.path.abspath(os.path.join(run_dir, "checkpoints")),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="latest")))
         self.best = ocp.CheckpointManager(
             os.path.abspath(os.path.join(run_dir, "best")),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, create=True, best_mode=best_mode,
-                best_fn=lambda metrics: metrics["score"], keep_checkpoints_without_metrics=False))
+                best_fn=lambda metrics: metrics["score"], keep_checkpoints_without_metrics=False,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best")))
 
     def save(self, step: int, state, meta: dict, score=None):
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
