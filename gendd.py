@@ -5,10 +5,10 @@ of the (frozen) teacher's pooled feature given the student's pooled feature, and
 linear classifier reads the sampled features out. Two stages, one config:
 
     # stage 1: student backbone -> P -> frozen teacher classifier, cross-entropy
-    python gendd.py --config config/distillation/gendd_fmnist_res20_res8.yaml --gendd_stage 1 \
+    python gendd.py --config config/distillation/gendd_fmnist_res8x2_res8.yaml --gendd_stage 1 \
         --save runs/gendd/fmnist_s1
     # stage 2: GenDD, starting from the stage-1 export
-    python gendd.py --config config/distillation/gendd_fmnist_res20_res8.yaml --gendd_stage 2 \
+    python gendd.py --config config/distillation/gendd_fmnist_res8x2_res8.yaml --gendd_stage 2 \
         --init_from runs/gendd/fmnist_s1 --save runs/gendd/fmnist_s2
 
 Stage 1 (spec §1, "classifier reuse"): f_s = student(x) (BatchNorm in train mode), logits =
@@ -582,14 +582,16 @@ def export_gendd(run_dir, config, student, teacher_sidecar, params, model_state,
 
 def load_predictor(model_dir, num_members: Optional[int] = None,
                    num_sampling_steps: Optional[int] = None, cfg_scale: Optional[float] = None,
-                   temperature: Optional[float] = None, probe: bool = False):
+                   temperature: Optional[float] = None, probe: bool = False,
+                   average_features: bool = False):
     """Predict with a GenDD export: member logits [B, M, K].
 
     Stage 2: M = num_members (default: the sidecar's num_sampling) sampled teacher features per
     image, each read out by the frozen teacher classifier, logits_m = W·feature_m + b. As the
     classifier is linear, the mean of the M member logits is exactly the reference's prediction
-    W·mean_m(feature_m) + b. `num_sampling_steps`, `cfg_scale` (1.0: no guidance) and
-    `temperature` default to the sidecar's. `probe=True` (or a stage-1 export) gives the
+    W·mean_m(feature_m) + b; `average_features=True` returns that one member [B, 1, K] (the
+    method's own prediction; the M members give the spread). `num_sampling_steps`, `cfg_scale`
+    (1.0: no guidance) and `temperature` default to the sidecar's. `probe=True` (or a stage-1 export) gives the
     deterministic single member: the linear probe fc_s(f_s) (stage 2) or W·P(f_s) + b (stage 1).
     """
     from utils.predict import Predictor, count_params
@@ -639,15 +641,18 @@ def load_predictor(model_dir, num_members: Optional[int] = None,
         features = sample_features(head, args["head"], sampler, key, z, num_samples=num_members,
                                    cfg_scale=cfg, temperature=temp,
                                    x0_clip=sidecar.get("x0_clip"))
-        return linear(args["classifier"], features)  # [B, M, K]
+        if average_features:
+            features = features.mean(1, keepdims=True)
+        return linear(args["classifier"], features)  # [B, M, K], or [B, 1, K] averaged
 
     # Parameters used at prediction time: the student without its fc, the projector, the head,
     # the teacher's classifier.
     used = {**args, "student": {**student_vars, "params": {
         k: v for k, v in student_vars["params"].items() if k != "classifier"}}}
-    return Predictor(name=f"GenDD ({num_members})", kind=KIND, member_logits=member_logits,
-                     args=args, num_members=num_members, num_params=count_params(used),
-                     sidecar=sidecar)
+    name = f"GenDD (mean of {num_members})" if average_features else f"GenDD ({num_members})"
+    return Predictor(name=name, kind=KIND, member_logits=member_logits, args=args,
+                     num_members=1 if average_features else num_members,
+                     num_params=count_params(used), sidecar=sidecar)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -324,6 +324,11 @@ def test_two_stages_on_two_devices_and_predictor(tmp_path, fake_fmnist):
     classifier = a2["teacher_classifier"]
     bound = 0.5 * np.abs(classifier["kernel"]).sum(0) + np.abs(classifier["bias"]) + 1e-4
     assert np.all(np.abs(logits) <= bound)
+    # the method's own prediction: the classifier on the mean feature, the mean member logit
+    averaged = predict(gendd.load_predictor(s2, average_features=True), images, batch_size=4,
+                       mesh=mesh)
+    assert averaged.shape == (6, 1, 10)
+    np.testing.assert_allclose(averaged[:, 0], logits.mean(1), rtol=1e-4, atol=1e-5)
     probe = predict(gendd.load_predictor(os.path.join(s2, "model"), probe=True), images,
                     batch_size=4, mesh=mesh)
     stage1 = predict(load_any_predictor(s1), images, batch_size=4, mesh=mesh)
