@@ -1,4 +1,5 @@
-"""The pretrained Fashion-MNIST teachers and KD backbone committed under checkpoints_teacher/:
+"""The pretrained Fashion-MNIST teachers, KD backbone and GenDD's cross-entropy teacher committed
+under checkpoints_teacher/:
 what their sidecars and configs say, their size, and their accuracy on a fixed test slice.
 
 The expected accuracies were measured once with the committed checkpoints (README, *Pretrained
@@ -16,11 +17,14 @@ TEACHERS = os.path.join(ROOT, "checkpoints_teacher", "fmnist")
 KD = os.path.join(ROOT, "checkpoints_teacher", "kd", "fmnist")
 TEACHER_CONFIG = os.path.join(ROOT, "config", "teacher", "fmnist_frnrelu_sgd_swag.yaml")
 KD_CONFIG = os.path.join(ROOT, "config", "distillation", "kd_fmnist_frnrelu.yaml")
+CE_TEACHER = os.path.join(ROOT, "checkpoints_teacher", "fmnist_ce", "res8x2")
+CE_CONFIG = os.path.join(ROOT, "config", "teacher", "fmnist_bnrelu_ce.yaml")
 
 SLICE = slice(0, 2000)  # the first 2000 images of the official test split
 # Measured on SLICE with the committed checkpoints (float32, CPU).
 EXPECTED_TEACHER_ACC = 0.9260  # 4 runs x 3 SWAG samples drawn with PRNGKey(0)
 EXPECTED_KD_ACC = 0.9040
+EXPECTED_CE_TEACHER_ACC = 0.9330  # checkpoints_teacher/fmnist_ce/res8x2
 TOLERANCE = 3 / 2000  # three images: float reductions may differ across machines
 
 
@@ -69,10 +73,24 @@ def test_kd_backbone_was_distilled_from_the_shipped_teachers():
             assert resolved[key] == value, key
 
 
+def test_gendd_teacher_was_trained_by_the_committed_config():
+    from utils.checkpoints import read_sidecar
+
+    sidecar = read_sidecar(os.path.join(CE_TEACHER, "model"))
+    assert sidecar["kind"] == "resnet" and sidecar["data_name"] == "FashionMNIST_x28"
+    assert (sidecar["model"]["norm"], sidecar["model"]["activation"]) == ("bn", "relu")
+    resolved = _yaml(os.path.join(CE_TEACHER, "config.yaml"))
+    assert resolved["num_train_examples"] is None and resolved["swag"] is False
+    for key, value in _yaml(CE_CONFIG).items():
+        if key != "data_root":
+            assert resolved[key] == value, key
+
+
 def test_shipped_checkpoints_are_small_and_hold_no_training_state():
-    files = [os.path.join(d, f) for top in (TEACHERS, KD) for d, _, fs in os.walk(top) for f in fs]
+    tops = (TEACHERS, KD, CE_TEACHER)
+    files = [os.path.join(d, f) for top in tops for d, _, fs in os.walk(top) for f in fs]
     assert sum(os.path.getsize(f) for f in files) <= 60 * 2**20
-    run_dirs = [os.path.dirname(export) for export in _runs()] + [KD]
+    run_dirs = [os.path.dirname(export) for export in _runs()] + [KD, CE_TEACHER]
     for run_dir in run_dirs:  # resumable optimizer state (checkpoints/, best/) is not shipped
         assert sorted(os.listdir(run_dir)) == ["config.yaml", "metrics.jsonl", "model"], run_dir
 
@@ -103,3 +121,13 @@ def test_known_accuracy_on_a_fixed_test_slice(test_slice):
     assert abs(ensemble_acc - EXPECTED_TEACHER_ACC) <= TOLERANCE
     assert abs(kd_acc - EXPECTED_KD_ACC) <= TOLERANCE
     assert ensemble_acc >= member_acc.mean()  # the ensemble is at least its average member
+
+
+def test_gendd_teacher_known_accuracy_on_a_fixed_test_slice(test_slice):
+    from utils.predict import load_predictor, predict
+
+    images, labels = test_slice
+    logits = predict(load_predictor(CE_TEACHER), images)
+    acc = float((logits[:, 0].argmax(-1) == labels).mean())
+    print(f"GenDD teacher {acc:.4f}")
+    assert abs(acc - EXPECTED_CE_TEACHER_ACC) <= TOLERANCE
