@@ -40,7 +40,7 @@ from models.resnet import resnet_from_spec, resnet_spec
 from models.vector_field import AdaLNMLP
 from utils import metrics as metrics_lib
 from utils.checkpoints import SIDECAR, load_export, load_resnet, save_export
-from utils.config import CommonConfig, parse_config, prepare_run_dir
+from utils.config import StudentConfig, parse_config, prepare_run_dir
 from utils.errors import UserError, cli_main
 from utils.logging import RunLogger
 from utils.optim import sgd_l2, warmup_cosine
@@ -53,12 +53,8 @@ HEAD_FIELDS = ("hidden_size", "time_embed_dim", "num_blocks", "noise_var", "drop
 
 
 @dataclasses.dataclass
-class EdfmConfig(CommonConfig):
+class EdfmConfig(StudentConfig):
     data_subname: Optional[str] = None  # the reference's c10/c100 tag; accepted, not used
-    mixup_alpha: float = 0.4
-    randaugment: bool = True  # RandAugment(2, 9) before crop/flip/mixup (spec §1)
-    crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
-    flip: bool = True  # random horizontal flip
     teacher_dir: str = "checkpoints_teacher/fmnist"
     pretrained_resnet: str = "checkpoints_teacher/kd/fmnist"  # a KD run directory or its model/
     # Head (models.vector_field.AdaLNMLP)
@@ -109,8 +105,7 @@ class EdfmConfig(CommonConfig):
                   "sample_time_exp_base": self.sample_time_exp_base > 0, "mse_power": self.mse_power > 0,
                   "time_scale": self.time_scale > 0, "optim_lr": self.optim_lr > 0,
                   "train_time_trunc": 0 <= self.train_time_trunc < 1, "droprate": 0 <= self.droprate < 1,
-                  "ema_decay": 0 <= self.ema_decay < 1, "mixup_alpha": self.mixup_alpha >= 0,
-                  "crop_padding": self.crop_padding >= 0,
+                  "ema_decay": 0 <= self.ema_decay < 1,
                   "optim_weight_decay": self.optim_weight_decay >= 0, "warmup_steps": self.warmup_steps >= 0,
                   "optim_momentum": 0 <= self.optim_momentum < 1}
         for key, ok in checks.items():

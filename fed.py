@@ -41,7 +41,7 @@ from data.datasets import load_dataset
 from models import losses
 from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
 from utils.checkpoints import load_export, save_export
-from utils.config import CommonConfig, parse_config, prepare_run_dir
+from utils.config import StudentConfig, parse_config, prepare_run_dir
 from utils.errors import UserError, cli_main
 from utils.logging import RunLogger
 from utils.optim import epoch_piecewise, sgd_l2
@@ -53,12 +53,8 @@ SELECT_METRICS = ("ens_nll", "ens_acc", "nll", "acc")
 
 
 @dataclasses.dataclass
-class FedConfig(CommonConfig):
+class FedConfig(StudentConfig):
     seed: int = 2025
-    mixup_alpha: float = 0.4
-    randaugment: bool = True  # RandAugment(2, 9) before crop/flip/mixup (spec §1)
-    crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
-    flip: bool = True  # random horizontal flip
     teacher_dir: str = "checkpoints_teacher/fmnist"
     num_teachers: int = 8  # student copies and teacher SWAG samples per step
     num_ensembles: int = 8  # generator samples per image at validation (the reference: 1)
@@ -82,9 +78,7 @@ class FedConfig(CommonConfig):
             raise UserError(f"optim must be sgd or adam, got {self.optim!r}")
         if self.kernel != "rbf":
             raise UserError(f"kernel must be rbf, got {self.kernel!r}")
-        checks = [("mixup_alpha", self.mixup_alpha >= 0, ">= 0"),
-                  ("crop_padding", self.crop_padding >= 0, ">= 0"),
-                  ("num_teachers", self.num_teachers >= 1, ">= 1"),
+        checks = [("num_teachers", self.num_teachers >= 1, ">= 1"),
                   ("num_ensembles", self.num_ensembles >= 1, ">= 1"),
                   ("optim_lr", self.optim_lr > 0, "> 0"),
                   ("optim_momentum", 0 <= self.optim_momentum < 1, "in [0, 1)"),

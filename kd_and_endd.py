@@ -47,7 +47,7 @@ from data.datasets import load_dataset
 from models import losses
 from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
 from utils.checkpoints import load_export, load_resnet, read_sidecar, save_export, save_resnet
-from utils.config import CommonConfig, parse_config, prepare_run_dir
+from utils.config import StudentConfig, parse_config, prepare_run_dir
 from utils.errors import UserError, cli_main
 from utils.logging import RunLogger
 from utils.optim import sgd_l2, warmup_cosine
@@ -61,13 +61,9 @@ SELECT_METRICS = {"KD": ("nll", "acc"),
 
 
 @dataclasses.dataclass
-class DistillConfig(CommonConfig):
+class DistillConfig(StudentConfig):
     baseline_method: str = "KD"  # KD | ProxyEnDD
     seed: int = 2025
-    mixup_alpha: float = 0.4
-    randaugment: bool = True  # RandAugment(2, 9) before crop/flip/mixup (spec §1)
-    crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
-    flip: bool = True  # random horizontal flip
     teacher_dir: str = "checkpoints_teacher/fmnist"
     num_teachers: int = 30  # teacher members (SWAG samples) per step, balanced over the runs
     num_classes: Optional[int] = None  # taken from the data set; if given, it must match
@@ -91,9 +87,7 @@ class DistillConfig(CommonConfig):
             raise UserError(f"baseline_method must be KD or ProxyEnDD, got {self.baseline_method!r}")
         if self.optim not in ("sgd", "adam"):
             raise UserError(f"optim must be sgd or adam, got {self.optim!r}")
-        checks = [("mixup_alpha", self.mixup_alpha >= 0, ">= 0"),
-                  ("crop_padding", self.crop_padding >= 0, ">= 0"),
-                  ("num_teachers", self.num_teachers >= 1, ">= 1"),
+        checks = [("num_teachers", self.num_teachers >= 1, ">= 1"),
                   ("optim_lr", self.optim_lr > 0, "> 0"),
                   ("optim_momentum", 0 <= self.optim_momentum < 1, "in [0, 1)"),
                   ("optim_weight_decay", self.optim_weight_decay >= 0, ">= 0"),

@@ -50,3 +50,5 @@ def test_student_augmentation_keys(cls):
     assert (fmnist.randaugment, fmnist.crop_padding, fmnist.flip) == (False, 1, False)
     with pytest.raises(UserError, match="crop_padding"):
         parse_config(cls, ["--crop_padding", "-1"])
+    with pytest.raises(UserError, match="mixup_alpha"):
+        parse_config(cls, ["--mixup_alpha", "-0.1"])

@@ -72,6 +72,23 @@ class CommonConfig:
             raise UserError(str(error)) from None
 
 
+@dataclasses.dataclass
+class StudentConfig(CommonConfig):
+    """Keys of the distillation students' input pipeline (data.augment.configured_pipeline), for
+    every script that trains a student on augmented images (KD/ProxyEnDD, FED, EDFM)."""
+
+    mixup_alpha: float = 0.4
+    randaugment: bool = True  # RandAugment(2, 9) before crop/flip/mixup (spec §1)
+    crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
+    flip: bool = True  # random horizontal flip
+
+    def validate(self):
+        super().validate()
+        for key in ("mixup_alpha", "crop_padding"):
+            if getattr(self, key) < 0:
+                raise UserError(f"config key {key} must be >= 0, got {getattr(self, key)}")
+
+
 def _nearest(key, valid):
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     return f" (did you mean {', '.join(close)}?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
