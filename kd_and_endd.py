@@ -112,12 +112,16 @@ def select_mode(metric: str) -> str:
     return "max" if metric.endswith("acc") else "min"
 
 
-def make_optimizer(config, schedule):
+def make_optimizer(config, steps_per_epoch: int):
+    """(optimizer, its learning-rate schedule) for optim_ne epochs of steps_per_epoch steps."""
+    schedule = warmup_cosine(config.optim_lr, config.optim_ne * steps_per_epoch,
+                             config.warmup_steps, config.warmup_factor)
     if config.optim == "sgd":
-        return sgd_l2(schedule, config.optim_momentum, config.optim_weight_decay)
+        return sgd_l2(schedule, config.optim_momentum, config.optim_weight_decay), schedule
     if config.optim_weight_decay == 0:
-        return optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8)
-    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.optim_weight_decay)
+        return optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8), schedule
+    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
+                       weight_decay=config.optim_weight_decay), schedule
 
 
 def prediction_metrics(log_probs, labels, prefix: str = ""):
@@ -224,9 +228,7 @@ def main(argv):
     variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed), dataset.train.images[:1] / 255.0)
     params, model_state = variables.pop("params"), dict(variables)
     steps_per_epoch = -(-len(dataset.train.images) // config.optim_bs)
-    schedule = warmup_cosine(config.optim_lr, config.optim_ne * steps_per_epoch,
-                             config.warmup_steps, config.warmup_factor)
-    optimizer = make_optimizer(config, schedule)
+    optimizer, schedule = make_optimizer(config, steps_per_epoch)
     trainer = Trainer(run_dir=run_dir, optimizer=optimizer,
                       loss_fn=make_loss_fn(model, teachers.model, config),
                       eval_fn=make_eval_fn(model, config), seed=config.seed,

@@ -199,13 +199,10 @@ def build_step(method: str, args, mesh=None) -> StepBench:
         loss_fn = sgd_swag.make_loss_fn(model)
     elif method == "kd":
         import kd_and_endd
-        from utils.optim import warmup_cosine
 
         model = resnet(config)
         params, model_state = init(model)
-        schedule = warmup_cosine(config.optim_lr, config.optim_ne * steps_per_epoch,
-                                 config.warmup_steps, config.warmup_factor)
-        optimizer = kd_and_endd.make_optimizer(config, schedule)
+        optimizer, _ = kd_and_endd.make_optimizer(config, steps_per_epoch)
         loss_fn = kd_and_endd.make_loss_fn(model, teacher_model, config)
         frozen = {"teachers": moments}
     elif method == "edfm":

@@ -37,12 +37,20 @@ def _yaml(path):
         return yaml.safe_load(f)
 
 
+def _resolved_config(run_dir, committed_path, free=("data_root",)):
+    """The run's resolved config.yaml, checked to hold every committed key except `free`."""
+    resolved = _yaml(os.path.join(run_dir, "config.yaml"))
+    for key, value in _yaml(committed_path).items():
+        if key not in free:
+            assert resolved[key] == value, key
+    return resolved
+
+
 def test_teacher_runs_were_trained_by_the_committed_config():
     from utils.checkpoints import read_sidecar
 
     runs = _runs()
     assert len(runs) >= 4
-    committed = _yaml(TEACHER_CONFIG)
     seeds = set()
     for export in runs:
         sidecar = read_sidecar(export)
@@ -51,10 +59,8 @@ def test_teacher_runs_were_trained_by_the_committed_config():
         assert sidecar["num_snapshots"] > 0  # SWAG moments were collected
         assert sidecar["model"] == read_sidecar(runs[0])["model"]
         seeds.add(sidecar["seed"])
-        resolved = _yaml(os.path.join(os.path.dirname(export), "config.yaml"))
-        for key, value in committed.items():
-            if key not in ("seed", "data_root"):
-                assert resolved[key] == value, key
+        resolved = _resolved_config(os.path.dirname(export), TEACHER_CONFIG,
+                                    free=("seed", "data_root"))
         assert resolved["num_train_examples"] is None  # the whole training split
         assert resolved["num_swag_samples"] >= 3
     assert len(seeds) == len(runs)
@@ -65,12 +71,9 @@ def test_kd_backbone_was_distilled_from_the_shipped_teachers():
 
     sidecar = read_sidecar(os.path.join(KD, "model"))
     assert sidecar["kind"] == "resnet" and sidecar["data_name"] == "FashionMNIST_x28"
-    resolved = _yaml(os.path.join(KD, "config.yaml"))
+    resolved = _resolved_config(KD, KD_CONFIG)
     assert resolved["teacher_dir"] == "checkpoints_teacher/fmnist"
     assert resolved["baseline_method"] == "KD" and resolved["num_train_examples"] is None
-    for key, value in _yaml(KD_CONFIG).items():
-        if key != "data_root":
-            assert resolved[key] == value, key
 
 
 def test_gendd_teacher_was_trained_by_the_committed_config():
@@ -79,11 +82,8 @@ def test_gendd_teacher_was_trained_by_the_committed_config():
     sidecar = read_sidecar(os.path.join(CE_TEACHER, "model"))
     assert sidecar["kind"] == "resnet" and sidecar["data_name"] == "FashionMNIST_x28"
     assert (sidecar["model"]["norm"], sidecar["model"]["activation"]) == ("bn", "relu")
-    resolved = _yaml(os.path.join(CE_TEACHER, "config.yaml"))
+    resolved = _resolved_config(CE_TEACHER, CE_CONFIG)
     assert resolved["num_train_examples"] is None and resolved["swag"] is False
-    for key, value in _yaml(CE_CONFIG).items():
-        if key != "data_root":
-            assert resolved[key] == value, key
 
 
 def test_shipped_checkpoints_are_small_and_hold_no_training_state():
