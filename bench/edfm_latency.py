@@ -5,7 +5,7 @@
 
 Three predictions of the same uint8 batch, on one device, each one compiled call
 (utils.cost.predictor_cost: latency median after warm-up with block_until_ready, FLOPs from
-XLA's cost analysis with the ODE and member loops unrolled):
+XLA's cost analysis with every iteration of the ODE and member loops counted):
 - EDFM: `--members` (32) members per input, the `--solver` (heun_exp) ODE in `--steps` (7)
   steps = 2(S−1)+1 = 13 velocity evaluations of the AdaLN MLP head over all B·M rows, after one
   backbone forward. Built by edfm.py itself: a randomly initialised head and backbone exported

@@ -15,7 +15,7 @@ frozen backbone (the same ResNet) and trains an AdaLN MLP head.
 
 Reading the output, per method: `median_s` seconds per step (median over --repeats, after
 warm-up, each call ended by block_until_ready), `images_per_s` = batch / median_s,
-`flops_per_step` from XLA's cost analysis of the step (all devices; scans unrolled),
+`flops_per_step` from XLA's cost analysis of the step (all devices; every scan iteration counted),
 `achieved_flops_per_s` = flops_per_step / median_s, and `mfu` = achieved / (peak per device ×
 devices). The peak comes from a table of known devices by device_kind and precision (bfloat16
 with --dtype bfloat16, else TF32, JAX's default precision for float32 convolutions on NVIDIA

@@ -1,17 +1,18 @@
 """The cost of a prediction: parameters, FLOPs per input (XLA cost analysis) and latency.
 
-    flops = xla_flops(fn, *args)                    # one compiled call, loops unrolled
+    flops = xla_flops(fn, *args)                    # one call, every loop iteration counted
     timing = measure_latency(fn, *args, repeats=10) # seconds per call, after warm-up
     cost = predictor_cost(predictor, images_u8)     # all three for a utils.predict.Predictor
 
 FLOPs come from XLA's own cost analysis of the compiled program
 (`jax.jit(fn).lower(*args).compile().cost_analysis()`). XLA counts the body of a loop once,
 whatever its trip count, so a `lax.map` over 12 ensemble members (how the teacher runs its
-members on CPU) or a `lax.scan` over ODE steps would be undercounted 12x or 7x. `xla_flops`
-therefore first unrolls every `scan` (fixed trip count) of the traced program into straight-line
-code (`unroll_scans`) and compiles that; the result no longer depends on how the members or
-steps are looped. A `while_loop` has no static trip count: its body stays counted once and the
-result reports it (`dynamic_loops` > 0 means the count is a lower bound).
+members on CPU) or a `lax.scan` over 100 sampling steps would be undercounted 12x or 100x.
+`xla_flops` therefore compiles each `scan` body of the traced program on its own and adds
+(trip count x body) - (the copies XLA already counted), recursively for nested scans. That costs
+one small compile per scan, however long it runs (unrolling a 100-step sampler into straight-line
+code instead took minutes to compile). A `while_loop` has no static trip count: its body stays
+counted once and the result reports it (`dynamic_loops` > 0 means the count is a lower bound).
 
 Latency is wall-clock time of one compiled call after warm-up, each call ended by
 `block_until_ready`, summarised by the median of several repeats (spec §8: the reference timed
@@ -19,7 +20,6 @@ trace time [Q8]).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import statistics
 import time
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-# Call-like primitives whose body is inlined when unrolling: name -> the param holding it.
+# Call-like primitives whose body runs once per call: name -> the param holding it.
 _CALL_BODIES = {
     "jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
     "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
@@ -40,118 +40,17 @@ _DYNAMIC_LOOPS = ("while",)
 
 
 @dataclasses.dataclass
-class _UnrollStats:
-    scans_unrolled: int = 0  # scan equations unrolled (each counted once, however nested)
-    scans_kept: int = 0  # longer than max_unroll, or inside a while/cond: counted once by XLA
-    dynamic_loops: int = 0  # while loops: counted once by XLA
+class FlopCount:
+    flops: float  # floating-point operations of one call
+    bytes_accessed: float
+    scans_counted: int = 0  # scans whose body was counted trip-count times
+    scans_kept: int = 0  # scans inside a while/cond: their body counted once, as XLA does
+    dynamic_loops: int = 0  # while loops: body counted once
 
-
-def _eqn_context(eqn):
-    ctx = getattr(eqn, "ctx", None)
-    manager = getattr(ctx, "manager", None)
-    return manager if manager is not None else contextlib.nullcontext()
-
-
-def _body(param):
-    """(jaxpr, consts) of a ClosedJaxpr or an open Jaxpr."""
-    if isinstance(param, jcore.ClosedJaxpr):
-        return param.jaxpr, param.consts
-    return param, ()
-
-
-def _walk(jaxpr, max_unroll: int, stats: _UnrollStats, kept: bool = False):
-    """Count the loops of `jaxpr` as `_eval_unrolled` will treat them (static, no tracing)."""
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "scan":
-            unrolled = not kept and eqn.params["length"] <= max_unroll
-            if unrolled:
-                stats.scans_unrolled += 1
-            else:
-                stats.scans_kept += 1
-            _walk(_body(eqn.params["jaxpr"])[0], max_unroll, stats, kept or not unrolled)
-        elif name in _CALL_BODIES and _CALL_BODIES[name] in eqn.params:
-            _walk(_body(eqn.params[_CALL_BODIES[name]])[0], max_unroll, stats, kept)
-        else:
-            if name in _DYNAMIC_LOOPS:
-                stats.dynamic_loops += 1
-            # other bodies (while, cond, ...) are bound as they are: their scans stay loops
-            for sub in jcore.jaxprs_in_params(eqn.params):
-                _walk(_body(sub)[0], max_unroll, stats, kept=True)
-
-
-def _eval_unrolled(jaxpr, consts, args, max_unroll: int):
-    env = {}
-
-    def read(var):
-        return var.val if isinstance(var, jcore.Literal) else env[var]
-
-    def write(var, value):
-        if not isinstance(var, jcore.DropVar):
-            env[var] = value
-
-    for var, value in zip(jaxpr.constvars, consts):
-        write(var, value)
-    for var, value in zip(jaxpr.invars, args):
-        write(var, value)
-    for eqn in jaxpr.eqns:
-        invals = [read(v) for v in eqn.invars]
-        name = eqn.primitive.name
-        if name == "scan" and eqn.params["length"] <= max_unroll:
-            outvals = _unrolled_scan(eqn.params, invals, max_unroll)
-        elif name in _CALL_BODIES and _CALL_BODIES[name] in eqn.params:
-            body, body_consts = _body(eqn.params[_CALL_BODIES[name]])
-            outvals = _eval_unrolled(body, body_consts, invals, max_unroll)
-        else:
-            bind = eqn.primitive.get_bind_params(eqn.params)
-            # jax >= 0.7 returns the params; older versions (subfuns, params)
-            subfuns, params = bind if isinstance(bind, tuple) else ((), bind)
-            with _eqn_context(eqn):
-                outvals = eqn.primitive.bind(*subfuns, *invals, **params)
-            if not eqn.primitive.multiple_results:
-                outvals = [outvals]
-        for var, value in zip(eqn.outvars, outvals):
-            write(var, value)
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _unrolled_scan(params, invals, max_unroll):
-    body, body_consts = _body(params["jaxpr"])
-    num_consts, num_carry, length = params["num_consts"], params["num_carry"], params["length"]
-    consts, carry = invals[:num_consts], list(invals[num_consts:num_consts + num_carry])
-    xs = invals[num_consts + num_carry:]
-    steps = range(length - 1, -1, -1) if params["reverse"] else range(length)
-    ys = []
-    for i in steps:
-        out = _eval_unrolled(body, body_consts, [*consts, *carry, *(x[i] for x in xs)],
-                             max_unroll)
-        carry, y = out[:num_carry], out[num_carry:]
-        ys.append(y)
-    if params["reverse"]:
-        ys = ys[::-1]
-    y_avals = [v.aval for v in body.outvars[num_carry:]]
-    stacked = [jnp.stack([y[j] for y in ys]) if ys else jnp.zeros((0, *a.shape), a.dtype)
-               for j, a in enumerate(y_avals)]
-    return [*carry, *stacked]
-
-
-def unroll_scans(fn: Callable, *example_args, max_unroll: int = 256):
-    """`fn` as straight-line code: (unrolled_fn, stats), traced at `example_args`.
-
-    Every `lax.scan` (hence `lax.map`, `fori_loop` with static bounds) of length <= max_unroll is
-    replaced by its iterations one after another, inside nested jits and custom-derivative
-    calls too. Numerically the same function; only for counting, not for running fast.
-    """
-    closed = jax.make_jaxpr(fn)(*example_args)
-    out_tree = jax.tree.structure(jax.eval_shape(fn, *example_args))
-    stats = _UnrollStats()
-    _walk(closed.jaxpr, max_unroll, stats)
-
-    def unrolled(*args):
-        out = _eval_unrolled(closed.jaxpr, closed.consts, jax.tree.leaves(args), max_unroll)
-        return jax.tree.unflatten(out_tree, out)
-
-    return unrolled, stats
+    @property
+    def exact_loops(self) -> bool:
+        """False when some loop body was counted once only (the FLOPs are a lower bound)."""
+        return self.scans_kept == 0 and self.dynamic_loops == 0
 
 
 def _sum_cost(analysis, key: str) -> float:
@@ -163,31 +62,77 @@ def _sum_cost(analysis, key: str) -> float:
     return float(sum(values)) if values else float("nan")
 
 
-@dataclasses.dataclass
-class FlopCount:
-    flops: float  # floating-point operations of one call
-    bytes_accessed: float
-    scans_unrolled: int
-    scans_kept: int
-    dynamic_loops: int
-
-    @property
-    def exact_loops(self) -> bool:
-        """False when some loop body was counted once only (the FLOPs are a lower bound)."""
-        return self.scans_kept == 0 and self.dynamic_loops == 0
+def _xla_count(compiled) -> FlopCount:
+    analysis = compiled.cost_analysis()
+    return FlopCount(_sum_cost(analysis, "flops"), _sum_cost(analysis, "bytes accessed"))
 
 
-def _count(analysis, stats: _UnrollStats) -> FlopCount:
-    return FlopCount(_sum_cost(analysis, "flops"), _sum_cost(analysis, "bytes accessed"),
-                     stats.scans_unrolled, stats.scans_kept, stats.dynamic_loops)
+def _compile_body(closed: jcore.ClosedJaxpr):
+    args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+    return jax.jit(jcore.jaxpr_as_fun(closed)).lower(*args).compile()
 
 
-def xla_flops(fn: Callable, *args, unroll: bool = True, max_unroll: int = 256) -> FlopCount:
-    """FLOPs of one call of `fn(*args)` from XLA's cost analysis of the compiled program."""
-    stats = _UnrollStats()
-    if unroll:
-        fn, stats = unroll_scans(fn, *args, max_unroll=max_unroll)
-    return _count(jax.jit(fn).lower(*args).compile().cost_analysis(), stats)
+def _closed(param) -> jcore.ClosedJaxpr:
+    return param if isinstance(param, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(param, ())
+
+
+def _scans(jaxpr, count: FlopCount):
+    """The scans of `jaxpr` that run a static number of times (through calls, not loops);
+    counts into `count` the loops whose bodies stay counted once."""
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "scan":
+            yield eqn
+        elif name in _CALL_BODIES and _CALL_BODIES[name] in eqn.params:
+            yield from _scans(_closed(eqn.params[_CALL_BODIES[name]]).jaxpr, count)
+        else:
+            count.dynamic_loops += name in _DYNAMIC_LOOPS
+            for sub in jcore.jaxprs_in_params(eqn.params):  # while, cond: bodies counted once
+                _count_kept(_closed(sub).jaxpr, count)
+
+
+def _count_kept(jaxpr, count: FlopCount):
+    for eqn in jaxpr.eqns:
+        count.scans_kept += eqn.primitive.name == "scan"
+        count.dynamic_loops += eqn.primitive.name in _DYNAMIC_LOOPS
+        for sub in jcore.jaxprs_in_params(eqn.params):
+            _count_kept(_closed(sub).jaxpr, count)
+
+
+def _copies_counted_by_xla(length: int, unroll: int) -> int:
+    """How many copies of a scan body XLA's count of the program holds (jax lowers a scan
+    with unroll k to a loop of k copies plus length % k copies after it; 0: fully unrolled)."""
+    if unroll == 0:
+        return length
+    trips, remainder = divmod(length, unroll)
+    return (unroll if trips else 0) + remainder
+
+
+def _add_loop_iterations(jaxpr, count: FlopCount) -> FlopCount:
+    """`count` (XLA's count of `jaxpr`) with every scan body counted trip-count times."""
+    for eqn in _scans(jaxpr, count):
+        body = _closed(eqn.params["jaxpr"])
+        body_once = _xla_count(_compile_body(body))
+        body_all = _add_loop_iterations(body.jaxpr, dataclasses.replace(body_once))
+        length = eqn.params["length"]
+        copies = _copies_counted_by_xla(length, int(eqn.params.get("unroll", 1)))
+        count.flops += length * body_all.flops - copies * body_once.flops
+        count.bytes_accessed += length * body_all.bytes_accessed - copies * body_once.bytes_accessed
+        count.scans_counted += 1 + body_all.scans_counted
+        count.scans_kept += body_all.scans_kept
+        count.dynamic_loops += body_all.dynamic_loops
+    return count
+
+
+def xla_flops(fn: Callable, *args, count_loops: bool = True, compiled=None) -> FlopCount:
+    """FLOPs of one call of `fn(*args)` from XLA's cost analysis of the compiled program, each
+    scan's body counted as many times as it runs (`count_loops=False`: what XLA alone says).
+    `compiled`: `jax.jit(fn).lower(*args).compile()` when the caller already has it."""
+    compiled = compiled or jax.jit(fn).lower(*args).compile()
+    count = _xla_count(compiled)
+    if not count_loops:
+        return count
+    return _add_loop_iterations(jax.make_jaxpr(fn)(*args).jaxpr, count)
 
 
 def measure_latency(fn: Callable, *args, warmup: int = 2, repeats: int = 10,
@@ -227,15 +172,11 @@ def predictor_cost(predictor, images_u8: np.ndarray, *, key=None, repeats: int =
 
     out = {"num_params": int(predictor.num_params), "num_members": int(predictor.num_members),
            "batch_size": batch_size}
-    # One compile serves both the timing and, when the program has no loop to unroll, the count.
-    compiled = jax.jit(call).lower(args, images, key).compile()
+    compiled = jax.jit(call).lower(args, images, key).compile()  # one compile: count and timing
     if flops:
-        unrolled, stats = unroll_scans(call, args, images, key)
-        analysis = (compiled.cost_analysis() if stats.scans_unrolled == 0
-                    else jax.jit(unrolled).lower(args, images, key).compile().cost_analysis())
-        count = _count(analysis, stats)
+        count = xla_flops(call, args, images, key, compiled=compiled)
         out.update(flops_per_input=count.flops / batch_size, flops_per_batch=count.flops,
-                   flops_exact_loops=count.exact_loops, scans_unrolled=count.scans_unrolled,
+                   flops_exact_loops=count.exact_loops, scans_counted=count.scans_counted,
                    dynamic_loops=count.dynamic_loops + count.scans_kept)
     timing = measure_latency(compiled, args, images, key, warmup=warmup, repeats=repeats, jit=False)
     out.update(latency_s=timing["median_s"], latency_per_input_s=timing["median_s"] / batch_size,
