@@ -260,7 +260,8 @@ def time_step(bench: StepBench, compiled, repeats: int, warmup: int) -> dict:
 
 def step_flops(bench: StepBench) -> dict:
     """FLOPs of one step from XLA's cost analysis (utils.cost.xla_flops: every iteration of
-    scans such as the teachers' lax.map on CPU and RandAugment's layers counted; donation does not apply there).
+    scans such as the teachers' lax.map on CPU and RandAugment's layers counted; donation does
+    not apply there).
     XLA analyses the per-device program of the data-parallel step: the step's total is that
     times the number of devices."""
     from utils.cost import xla_flops
