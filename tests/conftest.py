@@ -156,7 +156,7 @@ def http_server(monkeypatch):
         thread.join(timeout=5)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def writers():
     """The file writers above, as a fixture (test modules do not import conftest)."""
     import types

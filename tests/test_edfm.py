@@ -3,7 +3,6 @@ Fashion-MNIST-shaped data over 2 simulated devices, and the prediction API."""
 import dataclasses
 import json
 import os
-import struct
 
 import flax.linen as nn
 import jax
@@ -24,21 +23,6 @@ from utils.trainer import make_mesh
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(os.path.dirname(HERE), "config")
 K = 10
-
-
-def _write_fmnist(directory, num_train: int, num_test: int, seed: int = 0):
-    """Random Fashion-MNIST-shaped IDX files (uncompressed) under the official names."""
-    rng = np.random.default_rng(seed)
-    arrays = {"train_images": rng.integers(0, 256, (num_train, 28, 28), dtype=np.uint8),
-              "train_labels": (np.arange(num_train) % K).astype(np.uint8),
-              "test_images": rng.integers(0, 256, (num_test, 28, 28), dtype=np.uint8),
-              "test_labels": (np.arange(num_test) % K).astype(np.uint8)}
-    directory.mkdir(parents=True, exist_ok=True)
-    for role, name in datasets.FASHION_MNIST_FILES.items():
-        array = arrays[role]
-        header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-        (directory / name).write_bytes(header + array.tobytes())
-    return arrays
 
 
 class TinyTeacher(nn.Module):
@@ -137,7 +121,7 @@ def test_config_checks():
 
 # ------------------------------------------------------------------ a 2-step run end to end
 @pytest.fixture(scope="module")
-def edfm_run(tmp_path_factory):
+def edfm_run(tmp_path_factory, writers):
     """Generated Fashion-MNIST (60/40/30), a 1-epoch sgd_swag teacher, a random ResNet-8x1
     backbone exported with save_resnet, and a 2-step edfm.py run on 2 of the 4 CPU devices."""
     root = tmp_path_factory.mktemp("edfm")
@@ -147,7 +131,8 @@ def edfm_run(tmp_path_factory):
                    dataclasses.replace(spec, num_train=60, num_val=40, num_test=30))
         mp.setattr(datasets, "FASHION_MNIST_SYSTEM_DIRS", [str(root / "no-system-copy")])
         mp.setattr(datasets, "FASHION_MNIST_PAYLOAD_SHA256", {})
-        arrays = _write_fmnist(root / "data" / "FashionMNIST", 100, 30)
+        arrays = writers.make_fmnist_arrays(100, 30)
+        writers.write_fmnist_dir(root / "data" / datasets.FASHION_MNIST_DIRNAME, arrays, gz=False)
         meshes = []
 
         def two_devices(devices=None):

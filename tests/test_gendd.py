@@ -1,10 +1,7 @@
 """Tests of gendd.py: GenDD's maths (contraction, tokens, mixup, schedules, optimizer masks),
 teacher loading, and 2-step runs of both stages on generated Fashion-MNIST with 2 devices."""
-import dataclasses
-import gzip
 import json
 import os
-import struct
 
 import jax
 import jax.numpy as jnp
@@ -145,30 +142,12 @@ def test_adamw_decay_and_freeze_masks_and_beta2_schedule():
 # ------------------------------------------------------------------------ data and teachers
 
 
-def _write_idx(path, array):
-    array = np.ascontiguousarray(array, np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with open(path, "wb") as f:
-        f.write(gzip.compress(header + array.tobytes(), mtime=0))
-
-
 @pytest.fixture
-def fake_fmnist(tmp_path, monkeypatch):
+def fake_fmnist(tmp_path, small_splits, no_system_fmnist, writers):
     """A data root with 100 training and 30 test generated images; splits 60 / 40 / 30; no
     system copy and no payload checks."""
-    spec = datasets.DATASETS["FashionMNIST_x28"]
-    monkeypatch.setitem(datasets.DATASETS, "FashionMNIST_x28",
-                        dataclasses.replace(spec, num_train=60, num_val=40, num_test=30))
-    monkeypatch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIRS", [str(tmp_path / "no-system-copy")])
-    monkeypatch.setattr(datasets, "FASHION_MNIST_PAYLOAD_SHA256", {})
-    rng = np.random.default_rng(0)
     root = tmp_path / "data"
-    (root / "FashionMNIST").mkdir(parents=True)
-    arrays = {"train_images": rng.integers(0, 256, (100, 28, 28)),
-              "train_labels": np.arange(100) % 10,
-              "test_images": rng.integers(0, 256, (30, 28, 28)), "test_labels": np.arange(30) % 10}
-    for role, name in datasets.FASHION_MNIST_FILES.items():
-        _write_idx(root / "FashionMNIST" / (name + ".gz"), arrays[role])
+    writers.write_fmnist_dir(root / datasets.FASHION_MNIST_DIRNAME, writers.make_fmnist_arrays(100, 30))
     return str(root)
 
 

@@ -111,16 +111,22 @@ def test_known_accuracy_on_a_fixed_test_slice(test_slice):
     teacher_logits = predict(teacher_predictor(TEACHERS, samples_per_run=3, seed=0), images)
     assert teacher_logits.shape == (len(labels), 3 * len(_runs()), 10)
     member_acc = (teacher_logits.argmax(-1) == labels[:, None]).mean(0)
-    mean_probs = np.exp(teacher_logits - teacher_logits.max(-1, keepdims=True))
-    mean_probs = (mean_probs / mean_probs.sum(-1, keepdims=True)).mean(1)
+    member_probs = np.exp(teacher_logits - teacher_logits.max(-1, keepdims=True))
+    member_probs /= member_probs.sum(-1, keepdims=True)
+    mean_probs = member_probs.mean(1)
     ensemble_acc = float((mean_probs.argmax(-1) == labels).mean())
+    true_class = np.arange(len(labels))
+    member_nll = -np.log(member_probs[true_class, :, labels]).mean(0)
+    ensemble_nll = float(-np.log(mean_probs[true_class, labels]).mean())
     kd_logits = predict(load_predictor(KD), images)
     kd_acc = float((kd_logits[:, 0].argmax(-1) == labels).mean())
     print(f"teacher members {np.round(member_acc, 4).tolist()} ensemble {ensemble_acc:.4f} "
+          f"NLL members {np.round(member_nll, 4).tolist()} ensemble {ensemble_nll:.4f} "
           f"KD {kd_acc:.4f}")
     assert abs(ensemble_acc - EXPECTED_TEACHER_ACC) <= TOLERANCE
     assert abs(kd_acc - EXPECTED_KD_ACC) <= TOLERANCE
     assert ensemble_acc >= member_acc.mean()  # the ensemble is at least its average member
+    assert ensemble_nll < member_nll.min()  # and better calibrated than its best member
 
 
 def test_gendd_teacher_known_accuracy_on_a_fixed_test_slice(test_slice):
