@@ -42,7 +42,6 @@ from utils import metrics as metrics_lib
 from utils.checkpoints import SIDECAR, load_export, load_resnet, save_export
 from utils.config import StudentConfig, parse_config, prepare_run_dir
 from utils.errors import UserError, cli_main
-from utils.logging import RunLogger
 from utils.optim import sgd_l2, warmup_cosine
 from utils.predict import Predictor, count_params, predict
 from utils.teachers import load_teachers, sample_teacher_logits, teacher_predictor
@@ -396,14 +395,10 @@ def main(argv):
     optimizer, schedule = make_optimizer(config, steps_per_epoch * config.optim_ne)
     frozen = {"teacher": teachers.moments, "backbone": backbone_variables}
     mesh = make_mesh()
-    logger = RunLogger(run_dir, config, config.wandb)
-    trainer = Trainer(run_dir=run_dir, optimizer=optimizer,
-                      loss_fn=make_loss_fn(head, backbone, teachers.model, config),
-                      eval_fn=make_eval_fn(head, backbone, num_classes, config), seed=config.seed,
-                      batch_size=config.optim_bs, num_epochs=config.optim_ne, mesh=mesh,
-                      select_metric="nll", select_mode="min", ema_decay=config.ema_decay,
-                      eval_every=config.eval_every, log_every=config.log_every,
-                      keep_checkpoints=config.keep_checkpoints, lr_schedule=schedule, logger=logger)
+    trainer = Trainer.for_run(run_dir, config, optimizer=optimizer, lr_schedule=schedule,
+                              loss_fn=make_loss_fn(head, backbone, teachers.model, config),
+                              eval_fn=make_eval_fn(head, backbone, num_classes, config),
+                              mesh=mesh, select_metric="nll", ema_decay=config.ema_decay)
     state = TrainState.create(head_params, optimizer, {}, ema=config.ema_decay > 0)
     print(f"EDFM head: {count_params(head_params):,} parameters on a frozen "
           f"ResNet-{backbone.depth}x{backbone.width} ({cond_dim}-d feature); "
@@ -429,8 +424,9 @@ def main(argv):
         rows = evaluate_table(predictors, dataset.test, batch_size=config.eval_batch_size, mesh=mesh,
                           seed=config.seed)
         print(format_table(rows, f"test set of {config.data_name} ({len(dataset.test)} images)"))
-        logger.log({f"test/{name}/{k}": v for name, row in rows.items() for k, v in row.items()})
-    logger.close()
+        trainer.logger.log({f"test/{name}/{k}": v for name, row in rows.items()
+                            for k, v in row.items()})
+    trainer.logger.close()
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
 from utils.checkpoints import load_export, save_export
 from utils.config import StudentConfig, parse_config, prepare_run_dir
 from utils.errors import UserError, cli_main
-from utils.logging import RunLogger
 from utils.optim import epoch_piecewise, sgd_l2
 from utils.teachers import load_teachers, sample_teacher_logits
 from utils.trainer import Trainer, TrainState, masked_mean
@@ -207,14 +206,10 @@ def main(argv):
     steps_per_epoch = -(-len(dataset.train.images) // config.optim_bs)
     schedule = epoch_piecewise(config.optim_lr, steps_per_epoch, config.optim_boundaries_and_scales)
     optimizer = make_optimizer(config, schedule)
-    mode = "max" if config.select_metric.endswith("acc") else "min"
-    trainer = Trainer(run_dir=run_dir, optimizer=optimizer,
-                      loss_fn=make_loss_fn(model, teachers.model, config),
-                      eval_fn=make_eval_fn(model, config), seed=config.seed,
-                      batch_size=config.optim_bs, num_epochs=config.optim_ne,
-                      select_metric=config.select_metric, select_mode=mode,
-                      log_every=config.log_every, keep_checkpoints=config.keep_checkpoints,
-                      lr_schedule=schedule, logger=RunLogger(run_dir, config, config.wandb))
+    trainer = Trainer.for_run(run_dir, config, optimizer=optimizer, lr_schedule=schedule,
+                              loss_fn=make_loss_fn(model, teachers.model, config),
+                              eval_fn=make_eval_fn(model, config),
+                              select_metric=config.select_metric)
     state = trainer.fit(TrainState.create(params, optimizer, model_state), dataset.train,
                         dataset.val, frozen={"teachers": teachers.moments})
     if not os.path.exists(os.path.join(run_dir, "model")):

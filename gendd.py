@@ -64,7 +64,6 @@ from models.vector_field import DiffusionMLP
 from utils.checkpoints import SIDECAR, load_export, read_sidecar, save_export
 from utils.config import CommonConfig, parse_config, prepare_run_dir
 from utils.errors import UserError, cli_main
-from utils.logging import RunLogger
 from utils.trainer import Trainer, TrainState, masked_mean
 
 KIND = "gendd"
@@ -730,12 +729,9 @@ def run(config: GenDDConfig, mesh=None) -> str:
     val = dataset.val
     if config.num_val_examples is not None:
         val = Split(val.images[:config.num_val_examples], val.labels[:config.num_val_examples])
-    trainer = Trainer(run_dir=run_dir, optimizer=optimizer, loss_fn=loss_fn, eval_fn=eval_fn,
-                      seed=config.seed, batch_size=config.optim_bs, num_epochs=num_epochs,
-                      mesh=mesh, select_metric="acc", select_mode="max",
-                      eval_every=config.eval_every, log_every=config.log_every,
-                      keep_checkpoints=config.keep_checkpoints, lr_schedule=lr,
-                      logger=RunLogger(run_dir, config, config.wandb))
+    trainer = Trainer.for_run(run_dir, config, optimizer=optimizer, lr_schedule=lr,
+                              loss_fn=loss_fn, eval_fn=eval_fn, num_epochs=num_epochs,
+                              mesh=mesh, select_metric="acc")
     state = trainer.fit(TrainState.create(params, optimizer, model_state), dataset.train, val,
                         frozen=frozen)
     if not os.path.exists(os.path.join(run_dir, "model")):

@@ -49,7 +49,6 @@ from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
 from utils.checkpoints import load_export, load_resnet, read_sidecar, save_export, save_resnet
 from utils.config import StudentConfig, parse_config, prepare_run_dir
 from utils.errors import UserError, cli_main
-from utils.logging import RunLogger
 from utils.optim import sgd_l2, warmup_cosine
 from utils.teachers import load_teachers, sample_teacher_logits
 from utils.trainer import Trainer, TrainState, masked_mean
@@ -106,10 +105,6 @@ class DistillConfig(StudentConfig):
         if self.select_metric not in allowed:
             raise UserError(f"select_metric for {self.baseline_method} must be one of "
                             f"{', '.join(allowed)}, got {self.select_metric!r}")
-
-
-def select_mode(metric: str) -> str:
-    return "max" if metric.endswith("acc") else "min"
 
 
 def make_optimizer(config, steps_per_epoch: int):
@@ -229,13 +224,10 @@ def main(argv):
     params, model_state = variables.pop("params"), dict(variables)
     steps_per_epoch = -(-len(dataset.train.images) // config.optim_bs)
     optimizer, schedule = make_optimizer(config, steps_per_epoch)
-    trainer = Trainer(run_dir=run_dir, optimizer=optimizer,
-                      loss_fn=make_loss_fn(model, teachers.model, config),
-                      eval_fn=make_eval_fn(model, config), seed=config.seed,
-                      batch_size=config.optim_bs, num_epochs=config.optim_ne,
-                      select_metric=config.select_metric, select_mode=select_mode(config.select_metric),
-                      log_every=config.log_every, keep_checkpoints=config.keep_checkpoints,
-                      lr_schedule=schedule, logger=RunLogger(run_dir, config, config.wandb))
+    trainer = Trainer.for_run(run_dir, config, optimizer=optimizer, lr_schedule=schedule,
+                              loss_fn=make_loss_fn(model, teachers.model, config),
+                              eval_fn=make_eval_fn(model, config),
+                              select_metric=config.select_metric)
     state = trainer.fit(TrainState.create(params, optimizer, model_state), dataset.train,
                         dataset.val, frozen={"teachers": teachers.moments})
     if not os.path.exists(os.path.join(run_dir, "model")):

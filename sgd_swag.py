@@ -24,7 +24,6 @@ from models.swag import find_swag_state, swag, swag_std
 from utils.checkpoints import save_export
 from utils.config import CommonConfig, parse_config, prepare_run_dir
 from utils.errors import UserError, cli_main
-from utils.logging import RunLogger
 from utils.teachers import TEACHER_KIND, ensemble_logits, members_from_runs, teacher_predictor
 from utils.trainer import Trainer, TrainState, masked_mean
 
@@ -163,11 +162,9 @@ def main(argv):
     trainer_steps = -(-len(dataset.train.images) // config.optim_bs)
     schedule = learning_rate_schedule(config, trainer_steps)
     optimizer = make_optimizer(config, schedule, trainer_steps)
-    trainer = Trainer(run_dir=run_dir, optimizer=optimizer, loss_fn=make_loss_fn(model),
-                      eval_fn=make_eval_fn(model, config), seed=config.seed,
-                      batch_size=config.optim_bs, num_epochs=config.optim_ne, select_metric=None,
-                      log_every=config.log_every, keep_checkpoints=config.keep_checkpoints,
-                      lr_schedule=schedule, logger=RunLogger(run_dir, config, config.wandb))
+    trainer = Trainer.for_run(run_dir, config, optimizer=optimizer, lr_schedule=schedule,
+                              loss_fn=make_loss_fn(model), eval_fn=make_eval_fn(model, config),
+                              select_metric=None)  # the teacher is its last state (SWAG)
     state = trainer.fit(TrainState.create(params, optimizer, model_state), dataset.train, dataset.val)
     # Test-set numbers come from evaluate.py; the sidecar records the final validation scores.
     if not os.path.exists(os.path.join(run_dir, "model")):

@@ -176,7 +176,7 @@ class Trainer:
     num_epochs: int
     mesh: Mesh = None
     select_metric: Optional[str] = "nll"  # validation metric that picks the best checkpoint
-    select_mode: str = "min"
+    select_mode: Optional[str] = None  # "max" or "min"; default: "max" for an accuracy
     ema_decay: float = 0.0
     eval_every: int = 1
     log_every: int = 50
@@ -184,8 +184,23 @@ class Trainer:
     lr_schedule: Optional[Callable] = None  # only to log the learning rate
     logger: Optional[RunLogger] = None
 
+    @classmethod
+    def for_run(cls, run_dir: str, config, **fields) -> "Trainer":
+        """A Trainer with the keys every script's config shares (seed, optim_bs, optim_ne,
+        log_every, keep_checkpoints, eval_every where the config has it, W&B logging to the run);
+        `fields` are the method's own (optimizer, loss_fn, eval_fn, ...) and override any of them."""
+        shared = dict(run_dir=run_dir, seed=config.seed, batch_size=config.optim_bs,
+                      num_epochs=config.optim_ne, log_every=config.log_every,
+                      keep_checkpoints=config.keep_checkpoints,
+                      eval_every=getattr(config, "eval_every", 1))
+        if "logger" not in fields:
+            shared["logger"] = RunLogger(run_dir, config, config.wandb)
+        return cls(**{**shared, **fields})
+
     def __post_init__(self):
         self.mesh = make_mesh() if self.mesh is None else self.mesh
+        if self.select_mode is None:
+            self.select_mode = "max" if (self.select_metric or "").endswith("acc") else "min"
         if self.batch_size % self.mesh.size:
             raise UserError(f"optim_bs {self.batch_size} must be a multiple of the "
                             f"{self.mesh.size} devices")

@@ -98,3 +98,24 @@ def test_epoch_order_pads_with_mask_and_masked_mean():
     assert sorted(indices[masks].tolist()) == list(range(10))
     assert not np.array_equal(indices, epoch_order(seed=1, epoch=1, num_examples=10, batch_size=4)[0])
     assert float(masked_mean(jnp.array([1.0, 3.0, 100.0]), jnp.array([True, True, False]))) == 2.0
+
+
+def test_for_run_takes_the_shared_keys_from_the_config(tmp_path):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(seed=7, optim_bs=8, optim_ne=3, log_every=5, keep_checkpoints=1,
+                             wandb=False)
+    optimizer = sgd_l2(0.05, 0.9, 5e-4)
+    trainer = Trainer.for_run(str(tmp_path / "run"), config, optimizer=optimizer,
+                              loss_fn=make_loss_fn(MODEL), eval_fn=eval_fn,
+                              mesh=make_mesh(jax.devices()[:1]), select_metric="val_acc",
+                              num_epochs=2)  # a field given overrides the config's
+    assert (trainer.seed, trainer.batch_size, trainer.num_epochs) == (7, 8, 2)
+    assert (trainer.log_every, trainer.keep_checkpoints, trainer.eval_every) == (5, 1, 1)
+    assert trainer.select_mode == "max"  # an accuracy is maximised, anything else minimised
+    trainer.checkpoints.close()
+    nll = Trainer.for_run(str(tmp_path / "nll"), config, optimizer=optimizer,
+                          loss_fn=make_loss_fn(MODEL), eval_fn=eval_fn,
+                          mesh=make_mesh(jax.devices()[:1]), select_metric="nll")
+    assert nll.select_mode == "min" and nll.num_epochs == 3
+    nll.checkpoints.close()
