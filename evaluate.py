@@ -31,8 +31,8 @@ teacher ensemble; AMB (logit averaging), Brier variance, mutual information, dis
 between the teacher's and the student's per-input sets of centred member logits (defined for a
 single-member student too); OOD AUROC with OOD as the positive class, scored by the predictive
 entropy or the mutual information. Cost (utils/cost.py): parameters used at prediction, FLOPs
-per input from XLA's cost analysis of the compiled prediction on one batch (every loop iteration counted), and
-the median latency of one batch after warm-up on one device.
+per input from XLA's cost analysis of the compiled prediction on one batch (every loop
+iteration counted), and the median latency of one batch after warm-up on one device.
 """
 import dataclasses
 import datetime

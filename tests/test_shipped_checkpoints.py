@@ -104,20 +104,19 @@ def test_slice():
 
 
 def test_known_accuracy_on_a_fixed_test_slice(test_slice):
+    from utils import metrics
     from utils.predict import load_predictor, predict
     from utils.teachers import teacher_predictor
 
     images, labels = test_slice
     teacher_logits = predict(teacher_predictor(TEACHERS, samples_per_run=3, seed=0), images)
     assert teacher_logits.shape == (len(labels), 3 * len(_runs()), 10)
-    member_acc = (teacher_logits.argmax(-1) == labels[:, None]).mean(0)
-    member_probs = np.exp(teacher_logits - teacher_logits.max(-1, keepdims=True))
-    member_probs /= member_probs.sum(-1, keepdims=True)
-    mean_probs = member_probs.mean(1)
-    ensemble_acc = float((mean_probs.argmax(-1) == labels).mean())
-    true_class = np.arange(len(labels))
-    member_nll = -np.log(member_probs[true_class, :, labels]).mean(0)
-    ensemble_nll = float(-np.log(mean_probs[true_class, labels]).mean())
+    member_probs = [metrics.softmax(teacher_logits[:, m]) for m in range(teacher_logits.shape[1])]
+    member_acc = np.array([metrics.accuracy(p, labels) for p in member_probs])
+    member_nll = np.array([metrics.nll(p, labels) for p in member_probs])
+    mean_probs = metrics.ensemble_probs(teacher_logits)
+    ensemble_acc = metrics.accuracy(mean_probs, labels)
+    ensemble_nll = metrics.nll(mean_probs, labels)
     kd_logits = predict(load_predictor(KD), images)
     kd_acc = float((kd_logits[:, 0].argmax(-1) == labels).mean())
     print(f"teacher members {np.round(member_acc, 4).tolist()} ensemble {ensemble_acc:.4f} "
