@@ -25,27 +25,25 @@ table: teacher ensemble, KD backbone, EDFM.
 """
 import dataclasses
 import os
-import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from data.augment import configured_pipeline
-from data.datasets import load_dataset
-from models.flow_matching import METHODS, flow_matching_loss, num_function_evals, solve
+from data.augment import configured_pipeline, eval_images
+from models.flow_matching import FIXED_METHODS, METHODS, flow_matching_loss, num_function_evals, solve
 from models.resnet import resnet_from_spec, resnet_spec
 from models.vector_field import AdaLNMLP
-from utils import metrics as metrics_lib
-from utils.checkpoints import SIDECAR, load_export, load_resnet, save_export
-from utils.config import StudentConfig, parse_config, prepare_run_dir
-from utils.errors import UserError, cli_main
-from utils.optim import sgd_l2, warmup_cosine
-from utils.predict import Predictor, count_params, predict
-from utils.teachers import load_teachers, sample_teacher_logits, teacher_predictor
-from utils.trainer import Trainer, TrainState, make_mesh
+from utils.checkpoints import find_export, load_export, load_resnet
+from utils.config import StudentConfig
+from utils.driver import load_teachers_checked, train_main
+from utils.errors import UserError
+from utils.method import Method, Run, Sweep, register
+from utils.optim import make_optimizer, warmup_cosine
+from utils.predict import Predictor, count_params, predict, resnet_predictor
+from utils.teachers import sample_teacher_logits, teacher_predictor
+from utils.trainer import TrainState, prediction_metrics, steps_per_epoch
 
 EDFM_KIND = "edfm"
 HEAD_FIELDS = ("hidden_size", "time_embed_dim", "num_blocks", "noise_var", "droprate", "time_scale")
@@ -63,11 +61,8 @@ class EdfmConfig(StudentConfig):
     num_classes: Optional[int] = None  # checked against the data set when given
     droprate: float = 0.0
     time_scale: float = 1000.0
-    # Optimisation (head only)
-    optim_base: str = "sgd"  # sgd (coupled L2, heavy-ball momentum) | adam (AdamW)
+    # Optimisation (head only): optim sgd (coupled L2, heavy-ball momentum) | adam (AdamW)
     optim_lr: float = 1e-4
-    optim_weight_decay: float = 5e-4
-    optim_momentum: float = 0.9
     warmup_steps: int = 0  # linear warm-up from warmup_factor·lr, in optimizer steps
     warmup_factor: float = 0.01
     ema_decay: float = 0.0  # 0: no EMA (the reference's default)
@@ -80,20 +75,18 @@ class EdfmConfig(StudentConfig):
     sample_num_steps: int = 7
     sample_solver: str = "heun_exp"
     num_ensembles: int = 32  # members at validation and in the test table
-    # Evaluation
-    eval_every: int = 1  # epochs between validations (the last epoch always validates)
+    select_metric: Optional[str] = "nll"  # of the num_ensembles-member ensemble
     test_table: bool = True  # end with a test-set table: teacher ensemble, KD backbone, EDFM
-    teacher_samples_per_run: int = 3  # SWAG samples per teacher run in the test table
-    eval_batch_size: int = 500
+
+    ALIASES = {"optim_base": "optim", "eval_batch_size": "eval_bs"}
+    UNUSED = ("data_subname",)
 
     def validate(self):
         super().validate()
-        if self.optim_base not in ("sgd", "adam"):
-            raise UserError(f"optim_base must be sgd or adam, got {self.optim_base!r}")
         if self.sample_solver not in METHODS:
             raise UserError(f"sample_solver must be one of {', '.join(METHODS)}, got {self.sample_solver!r}")
         for key in ("hidden_size", "time_embed_dim", "num_blocks", "sample_num_steps",
-                    "num_ensembles", "eval_every", "teacher_samples_per_run", "eval_batch_size"):
+                    "num_ensembles"):
             if getattr(self, key) < 1:
                 raise UserError(f"config key {key} must be >= 1, got {getattr(self, key)}")
         if self.time_embed_dim % 2:
@@ -102,11 +95,9 @@ class EdfmConfig(StudentConfig):
             raise UserError(f"num_classes must be >= 2 (or null), got {self.num_classes}")
         checks = {"noise_var": self.noise_var > 0, "train_time_exp_base": self.train_time_exp_base > 0,
                   "sample_time_exp_base": self.sample_time_exp_base > 0, "mse_power": self.mse_power > 0,
-                  "time_scale": self.time_scale > 0, "optim_lr": self.optim_lr > 0,
+                  "time_scale": self.time_scale > 0,
                   "train_time_trunc": 0 <= self.train_time_trunc < 1, "droprate": 0 <= self.droprate < 1,
-                  "ema_decay": 0 <= self.ema_decay < 1,
-                  "optim_weight_decay": self.optim_weight_decay >= 0, "warmup_steps": self.warmup_steps >= 0,
-                  "optim_momentum": 0 <= self.optim_momentum < 1}
+                  "ema_decay": 0 <= self.ema_decay < 1, "warmup_steps": self.warmup_steps >= 0}
         for key, ok in checks.items():
             if not ok:
                 raise UserError(f"config key {key} is out of range: {getattr(self, key)}")
@@ -178,17 +169,13 @@ def ensemble_metrics(member_logits, labels):
     """Per-example acc/nll of the ensemble (mean of member softmaxes) and of member 0."""
     log_probs = jax.nn.log_softmax(member_logits, axis=-1)  # [B, M, K]
     ensemble = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(member_logits.shape[1])
-    single = log_probs[:, 0]
-    pick = lambda lp: -jnp.take_along_axis(lp, labels[:, None], 1)[:, 0]
-    correct = lambda lp: (jnp.argmax(lp, -1) == labels).astype(jnp.float32)
-    return {"acc": correct(ensemble), "nll": pick(ensemble),
-            "single_acc": correct(single), "single_nll": pick(single)}
+    return {**prediction_metrics(ensemble, labels),
+            **prediction_metrics(log_probs[:, 0], labels, "single_")}
 
 
 def make_eval_fn(head, backbone, num_classes: int, config: EdfmConfig):
     def eval_fn(state, frozen, batch, key):
-        images = batch["images"].astype(jnp.float32) / 255.0
-        condition = backbone_features(backbone, frozen["backbone"], images)
+        condition = backbone_features(backbone, frozen["backbone"], eval_images(batch["images"]))
         velocity = lambda x, c, t: head.apply({"params": state.eval_params}, x, c, t)
         logits = sample_member_logits(velocity, condition, key, config.num_ensembles, num_classes,
                                       noise_std=config.noise_var, solver=config.sample_solver,
@@ -199,26 +186,10 @@ def make_eval_fn(head, backbone, num_classes: int, config: EdfmConfig):
     return eval_fn
 
 
-def make_optimizer(config: EdfmConfig, total_steps: int):
-    schedule = warmup_cosine(config.optim_lr, total_steps, config.warmup_steps, config.warmup_factor)
-    if config.optim_base == "sgd":
-        return sgd_l2(schedule, config.optim_momentum, config.optim_weight_decay), schedule
-    return optax.adamw(schedule, weight_decay=config.optim_weight_decay), schedule
-
-
 # ---------------------------------------------------------------------------- backbone I/O
-def find_export(path: str, what: str = "pretrained_resnet") -> str:
-    """The export directory of `path`: path itself or path/model (a run directory)."""
-    for directory in (path, os.path.join(path, "model")):
-        if os.path.exists(os.path.join(directory, SIDECAR)):
-            return directory
-    raise UserError(f"{what} {path}: no exported model there (expected {path}/{SIDECAR} or "
-                    f"{path}/model/{SIDECAR}); train a KD backbone with kd_and_endd.py")
-
-
 def load_backbone(path: str, data_name: Optional[str], num_classes: Optional[int], dtype=jnp.float32):
     """(model, variables, sidecar, export_dir) of the frozen KD backbone, checked against the data."""
-    directory = find_export(path)
+    directory = find_export(path, "pretrained_resnet")
     model, variables, sidecar = load_resnet(directory, dtype=dtype)
     if model.noise_std > 0:
         raise UserError(f"pretrained_resnet {directory} is a noise-injected (FED) network, not a KD ResNet")
@@ -231,36 +202,32 @@ def load_backbone(path: str, data_name: Optional[str], num_classes: Optional[int
     return model, variables, sidecar, directory
 
 
-def split_variables(variables):
-    variables = dict(variables)
-    return variables.pop("params"), variables
-
-
 def feature_dim(backbone, variables, image_shape) -> int:
     out = jax.eval_shape(lambda v, x: backbone.apply(v, x, return_features=True), variables,
                          jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
     return int(out.pooled.shape[-1])
 
 
-def export_edfm(export_dir, config: EdfmConfig, num_classes: int, head_params, backbone,
-                backbone_variables, backbone_dir, backbone_sidecar, val_metrics):
-    params, model_state = split_variables(backbone_variables)
-    backbone_arrays = {"params": params}
-    if jax.tree.leaves(model_state):
-        backbone_arrays["model_state"] = model_state
+def export_edfm(config: EdfmConfig, num_classes: int, head_params, backbone, backbone_variables,
+                backbone_dir, backbone_sidecar):
+    """(arrays, sidecar) of kind "edfm": the head and the backbone's arrays, and everything
+    `load_predictor` needs (head fields, backbone spec, sampler)."""
+    params = dict(backbone_variables)
+    backbone_arrays = {"params": params.pop("params")}
+    if jax.tree.leaves(params):
+        backbone_arrays["model_state"] = params
     sidecar = {
-        "kind": EDFM_KIND, "trained_by": "edfm.py",
+        "kind": EDFM_KIND,
         "head": {name: getattr(config, name) for name in HEAD_FIELDS},
         "backbone": {"model": resnet_spec(backbone), "source": os.path.abspath(backbone_dir),
                      "method": backbone_sidecar.get("method"), "seed": backbone_sidecar.get("seed")},
         "sampler": {"sample_num_steps": config.sample_num_steps,
                     "sample_time_exp_base": config.sample_time_exp_base,
                     "sample_solver": config.sample_solver, "num_ensembles": config.num_ensembles},
-        "data_name": config.data_name, "num_classes": num_classes, "seed": config.seed,
-        "teacher_dir": os.path.abspath(config.teacher_dir), "val": val_metrics,
+        "num_classes": num_classes, "teacher_dir": os.path.abspath(config.teacher_dir),
     }
-    save_export(export_dir, {"head": jax.tree.map(np.asarray, head_params),
-                             "backbone": jax.tree.map(np.asarray, backbone_arrays)}, sidecar)
+    return {"head": jax.tree.map(np.asarray, head_params),
+            "backbone": jax.tree.map(np.asarray, backbone_arrays)}, sidecar
 
 
 # ---------------------------------------------------------------------------- prediction API
@@ -318,72 +285,16 @@ def predict_member_logits(model_dir_or_predictor, images_u8, num_members: int = 
     return predict(predictor, np.asarray(images_u8), batch_size=batch_size, key=key)
 
 
-def resnet_predictor(model, variables, sidecar, name: str = "KD backbone") -> Predictor:
-    """A plain zoo network (here the KD backbone with its own classifier) as a 1-member Predictor."""
-    def member_logits(variables, images, key):
-        return model.apply(variables, images)[:, None, :]
-
-    return Predictor(name=name, kind="resnet", member_logits=member_logits, args=variables,
-                     num_members=1, num_params=count_params(variables), sidecar=sidecar)
-
-
-# ----------------------------------------------------------------------------- test table
-def table_row(member_logits, labels, teacher_probs=None) -> dict:
-    probs = metrics_lib.ensemble_probs(member_logits)
-    row = {"acc": metrics_lib.accuracy(probs, labels), "nll": metrics_lib.nll(probs, labels),
-           "ece": metrics_lib.ece(probs, labels)}
-    row["kl_to_teacher"] = (metrics_lib.kl_to_teacher(teacher_probs, probs) if teacher_probs is not None
-                            else float("nan"))
-    return row
-
-
-def evaluate_table(predictors, split, *, batch_size: int, mesh, seed: int) -> dict:
-    """{name: {acc, nll, ece, kl_to_teacher, time_s}} on a split; the first predictor is the
-    teacher whose ensemble the KL column compares with."""
-    rows, teacher_probs = {}, None
-    for i, predictor in enumerate(predictors):
-        start = time.perf_counter()
-        logits = predict(predictor, split.images, batch_size=batch_size, mesh=mesh,
-                         key=jax.random.PRNGKey(seed + 7))
-        row = table_row(logits, split.labels, teacher_probs)
-        row["time_s"] = round(time.perf_counter() - start, 2)  # compile included
-        if i == 0:
-            teacher_probs = metrics_lib.ensemble_probs(logits)
-            row["kl_to_teacher"] = 0.0
-        rows[predictor.name] = row
-    return rows
-
-
-def format_table(rows: dict, title: str) -> str:
-    width = max(len(name) for name in rows) + 2
-    lines = [title, f"{'model':<{width}}{'acc':>8}{'nll':>8}{'ece':>8}{'KL(T||S)':>10}{'time_s':>8}"]
-    for name, r in rows.items():
-        lines.append(f"{name:<{width}}{r['acc']:>8.4f}{r['nll']:>8.4f}{r['ece']:>8.4f}"
-                     f"{r['kl_to_teacher']:>10.4f}{r.get('time_s', float('nan')):>8.1f}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------ main
-@cli_main
-def main(argv):
-    config = parse_config(EdfmConfig, argv)
-    dataset = load_dataset(config.data_name, config.data_root, download=config.download,
-                           num_train_examples=config.num_train_examples)
+# ------------------------------------------------------------------------------- the method
+def build(config: EdfmConfig, dataset) -> Run:
     num_classes = dataset.num_classes
-    if config.num_classes is not None and config.num_classes != num_classes:
-        raise UserError(f"num_classes {config.num_classes} does not match {config.data_name} "
-                        f"({num_classes} classes)")
     dtype = jnp.dtype(config.dtype)
-    teachers = load_teachers(config.teacher_dir, data_name=config.data_name, dtype=dtype)
-    if teachers.num_classes != num_classes:
-        raise UserError(f"teachers in {config.teacher_dir} have {teachers.num_classes} classes, "
-                        f"{config.data_name} has {num_classes}")
+    teachers = load_teachers_checked(config, dataset)
     backbone, backbone_variables, backbone_sidecar, backbone_dir = load_backbone(
         config.pretrained_resnet, config.data_name, num_classes, dtype=dtype)
     if (backbone.depth, backbone.width) != (config.model_depth, config.model_width):
         print(f"note: the backbone is a ResNet-{backbone.depth}x{backbone.width} (from its sidecar); "
               f"model_depth/model_width {config.model_depth}/{config.model_width} are not used")
-    run_dir = prepare_run_dir(config, "edfm")
 
     # The head and its train state are built after the backbone is loaded (fixes [Q7]); the
     # backbone and the teachers go in `frozen`, so only the head is trained (and EMA-averaged).
@@ -391,43 +302,57 @@ def main(argv):
     cond_dim = feature_dim(backbone, backbone_variables, dataset.image_shape)
     head_params = jax.jit(head.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, num_classes)),
                                      jnp.zeros((1, cond_dim)), jnp.zeros((1,)))["params"]
-    steps_per_epoch = -(-len(dataset.train.images) // config.optim_bs)
-    optimizer, schedule = make_optimizer(config, steps_per_epoch * config.optim_ne)
-    frozen = {"teacher": teachers.moments, "backbone": backbone_variables}
-    mesh = make_mesh()
-    trainer = Trainer.for_run(run_dir, config, optimizer=optimizer, lr_schedule=schedule,
-                              loss_fn=make_loss_fn(head, backbone, teachers.model, config),
-                              eval_fn=make_eval_fn(head, backbone, num_classes, config),
-                              mesh=mesh, select_metric="nll", ema_decay=config.ema_decay)
-    state = TrainState.create(head_params, optimizer, {}, ema=config.ema_decay > 0)
-    print(f"EDFM head: {count_params(head_params):,} parameters on a frozen "
-          f"ResNet-{backbone.depth}x{backbone.width} ({cond_dim}-d feature); "
-          f"{teachers.num_runs} teacher runs; {steps_per_epoch} steps/epoch")
-    state = trainer.fit(state, dataset.train, dataset.val, frozen)
+    steps = steps_per_epoch(len(dataset.train), config.optim_bs)
+    schedule = warmup_cosine(config.optim_lr, steps * config.optim_ne, config.warmup_steps,
+                             config.warmup_factor)
+    optimizer = make_optimizer(config, schedule)
 
-    export_dir = os.path.join(run_dir, "model")
-    if not os.path.exists(os.path.join(export_dir, SIDECAR)):
-        best, val = trainer.selected(state)  # the best epoch by validation NLL
-        print(f"selected epoch {val.get('epoch')}: validation NLL {val.get('nll', float('nan')):.4f}")
-        export_edfm(export_dir, config, num_classes, best.eval_params, backbone, backbone_variables,
-                    backbone_dir, backbone_sidecar, val)
-    trainer.checkpoints.close()
-    print(f"EDFM model saved in {export_dir}")
+    def test_predictors(export_dir):
+        return [teacher_predictor(config.teacher_dir, config.teacher_samples_per_run, config.seed),
+                resnet_predictor(backbone, backbone_variables, backbone_sidecar, "KD backbone"),
+                load_predictor(export_dir, num_members=config.num_ensembles,
+                               solver=config.sample_solver, seed=config.seed)]
 
-    if config.test_table:
-        predictors = [
-            teacher_predictor(config.teacher_dir, config.teacher_samples_per_run, config.seed),
-            resnet_predictor(backbone, backbone_variables, backbone_sidecar),
-            load_predictor(export_dir, num_members=config.num_ensembles, solver=config.sample_solver,
-                           seed=config.seed),
-        ]
-        rows = evaluate_table(predictors, dataset.test, batch_size=config.eval_batch_size, mesh=mesh,
-                          seed=config.seed)
-        print(format_table(rows, f"test set of {config.data_name} ({len(dataset.test)} images)"))
-        trainer.logger.log({f"test/{name}/{k}": v for name, row in rows.items()
-                            for k, v in row.items()})
-    trainer.logger.close()
+    return Run(
+        state=TrainState.create(head_params, optimizer, {}, ema=config.ema_decay > 0),
+        loss_fn=make_loss_fn(head, backbone, teachers.model, config),
+        eval_fn=make_eval_fn(head, backbone, num_classes, config), optimizer=optimizer,
+        lr_schedule=schedule, frozen={"teacher": teachers.moments, "backbone": backbone_variables},
+        select_metric=config.select_metric, ema_decay=config.ema_decay,
+        export=lambda state, val: export_edfm(config, num_classes, state.eval_params, backbone,
+                                              backbone_variables, backbone_dir, backbone_sidecar),
+        test_predictors=test_predictors,
+        summary=f"EDFM head: {count_params(head_params):,} parameters on a frozen "
+                f"ResNet-{backbone.depth}x{backbone.width} ({cond_dim}-d feature); "
+                f"{teachers.num_runs} teacher runs; {steps} steps/epoch")
 
+
+def sweeps(options: dict, settings: dict) -> list:
+    """evaluate.py's sweeps of an EDFM student: quality against the members per input, and
+    against the head evaluations (NFE) of each fixed-grid solver. `settings` may replace the
+    lists: members, steps, solvers."""
+    unknown = set(settings) - {"members", "steps", "solvers"}
+    if unknown:
+        raise UserError(f"EDFM sweeps take members, steps, solvers; got {', '.join(sorted(unknown))}")
+    members = settings.get("members", [1, 2, 4, 8, 16, 32])
+    steps = settings.get("steps", [1, 2, 3, 4, 5, 6, 7])
+    solvers = settings.get("solvers", ["heun_exp", "euler"])
+    for solver in solvers:
+        if solver not in FIXED_METHODS:
+            raise UserError(f"EDFM sweep: unknown fixed-grid solver {solver!r}; choose from "
+                            f"{', '.join(FIXED_METHODS)}")
+    out = [Sweep("members", "members per input", tuple((m, {"num_members": m}) for m in members))]
+    for solver in solvers:
+        out.append(Sweep(f"{solver} steps", "function evaluations (head)",
+                         tuple((num_function_evals(solver, s), {"num_steps": s, "solver": solver})
+                               for s in steps)))
+    return out
+
+
+METHOD = register(Method(name="edfm", config_class=EdfmConfig, build=build,
+                         load_predictor=load_predictor, export_kinds=(EDFM_KIND,),
+                         config_files=("distillation/edfm_*",), sweeps=sweeps))
+main = train_main(METHOD)
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,11 @@ Inputs
 - `students`: in YAML `students: [{name: KD, path: runs/kd/x, options: {...}}]`, on the command
   line `--students name=path,name=path` (or the YAML list inline). `path` is a run directory or
   its `model/` export; `options` go to the method's load_predictor (e.g. EDFM
-  `{num_members: 32}`). The export's sidecar says which script predicts with it.
+  `{num_members: 32}`). The export's sidecar kind says which method predicts with it (the
+  registry, utils/method.py). `ensemble: [path, ...]` instead of `path` pools the members of
+  several exports of one method (a deep ensemble of students, e.g. three KD seeds). `sweeps:`
+  replaces the method's default sweep lists (e.g. EDFM `{members: [1, 8, 32]}`), `false` skips
+  them.
 
 Every method is evaluated on the test split (the first `num_test_examples` when set) and on
 every shift and OOD set available for the data set (data/shift.py: the Fashion-MNIST corruption
@@ -21,15 +25,18 @@ suite and the digits OOD set; CIFAR's .npy sets when present). Written to `--sav
 or empty directory; nothing is overwritten):
 - results.md   the main table (rows methods; accuracy, calibration, fidelity to the teacher,
                diversity, W2, OOD AUROC, mean shift accuracy / NLL, cost), a table per shift set,
-               the OOD sets and, when an EDFM student is given, its member and NFE sweeps;
+               the OOD sets and each student's sweeps (its method's hook: EDFM members and
+               function evaluations, GenDD sampling steps and guidance);
 - results.json every number, with the resolved config and timings;
-- reliability.png, diversity_vs_accuracy.png, and for EDFM edfm_members.png, edfm_nfe.png.
+- reliability.png, diversity_vs_accuracy.png, and a <student>_<sweep>.png per sweep.
 
+The stages (predict, metrics, shift and OOD, cost, sweeps, plots) name no method; the metrics
+are utils/evaluation.py's, which every training script's end-of-run table uses too.
 Definitions (utils/metrics.py): the ensemble prediction is the mean of the members' softmax;
 NLL with eps 0; ECE with 15 bins; KL(teacher mean || student mean) and top-1 agreement with the
 teacher ensemble; AMB (logit averaging), Brier variance, mutual information, disagreement; W2
 between the teacher's and the student's per-input sets of centred member logits (defined for a
-single-member student too); OOD AUROC with OOD as the positive class, scored by the predictive
+single-member student too; the member-diversity columns are "—" for one member); OOD AUROC with OOD as the positive class, scored by the predictive
 entropy or the mutual information. Cost (utils/cost.py): parameters used at prediction, FLOPs
 per input from XLA's cost analysis of the compiled prediction on one batch (every loop
 iteration counted), and the median latency of one batch after warm-up on one device.
@@ -37,8 +44,6 @@ iteration counted), and the median latency of one batch after warm-up on one dev
 import dataclasses
 import datetime
 import difflib
-import importlib
-import inspect
 import json
 import os
 import time
@@ -51,17 +56,14 @@ import yaml
 from data.datasets import Split, load_dataset
 from data.shift import ShiftSets, load_shift_sets
 from utils import metrics, plots
-from utils.checkpoints import read_sidecar
 from utils.config import CommonConfig, _read_yaml, parse_config, prepare_run_dir
 from utils.cost import predictor_cost
 from utils.errors import UserError, cli_main
-from utils.predict import PREDICTOR_SCRIPTS, Runner, load_predictor
+from utils.evaluation import check_classes, ensemble_summary, ood_aurocs, uncertainty_scores
+from utils.method import register_config
+from utils.predict import Runner, check_options, ensemble_predictor, export_method, load_predictor
 from utils.teachers import find_teacher_runs, teacher_predictor
 from utils.trainer import make_mesh
-
-EDFM_KIND = "edfm"
-DEFAULT_SOLVER = "heun_exp"  # the spec's sampler: Heun on the exponential grid, last step Euler
-SOLVER_OPTION_NAMES = ("solver", "method", "sampler")  # how edfm.load_predictor may call it
 
 
 @dataclasses.dataclass
@@ -74,9 +76,7 @@ class EvaluateConfig(CommonConfig):
     num_test_examples: Optional[int] = None  # the first N of the test split and of each shift/OOD set
     eval_shift: bool = True  # also the shift and OOD sets
     w2: bool = True  # the W2 column (exact assignment per input; the slowest metric)
-    edfm_members_sweep: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
-    edfm_steps_sweep: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7])
-    edfm_solvers: list[str] = dataclasses.field(default_factory=lambda: ["heun_exp", "euler"])
+    sweeps: bool = True  # each student's sweeps (its method's hook; per student `sweeps:`)
     latency_bs: Optional[int] = None  # batch of the latency column; default eval_bs
     latency_repeats: int = 10  # timed calls; the median is reported
     latency_warmup: int = 2  # untimed calls first (the first one compiles)
@@ -91,15 +91,6 @@ class EvaluateConfig(CommonConfig):
         for key in ("num_test_examples", "latency_bs"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"config key {key} must be >= 1 or null, got {getattr(self, key)}")
-        for key in ("edfm_members_sweep", "edfm_steps_sweep"):
-            if any(v < 1 for v in getattr(self, key)):
-                raise UserError(f"config key {key} must list integers >= 1, got {getattr(self, key)}")
-        from models.flow_matching import FIXED_METHODS
-
-        for solver in self.edfm_solvers:
-            if solver not in FIXED_METHODS:
-                raise UserError(f"edfm_solvers: unknown fixed-grid solver {solver!r}; "
-                                f"choose from {', '.join(FIXED_METHODS)}")
 
 
 # ------------------------------------------------------------------------------------- config
@@ -145,20 +136,27 @@ def parse_students(value, source: str = "students") -> list:
         raise UserError(f"{source}: expected a list of {{name, path, options}}, got {value!r}")
     students, names = [], set()
     for entry in value:
-        if not isinstance(entry, dict) or not {"name", "path"} <= set(entry):
-            raise UserError(f"{source}: each student needs a name and a path, got {entry!r}")
-        unknown = set(entry) - {"name", "path", "options"}
+        if not isinstance(entry, dict) or "name" not in entry or ("path" in entry) == ("ensemble" in entry):
+            raise UserError(f"{source}: each student needs a name and either a path or an "
+                            f"ensemble (a list of paths), got {entry!r}")
+        unknown = set(entry) - {"name", "path", "ensemble", "options", "sweeps"}
         if unknown:
             raise UserError(f"{source}: unknown student key(s) {', '.join(sorted(unknown))} "
-                            f"(a student has name, path, options)")
-        options = entry.get("options") or {}
-        if not isinstance(options, dict):
-            raise UserError(f"{source}: options of {entry['name']} must be a mapping, got {options!r}")
+                            f"(a student has name, path or ensemble, options, sweeps)")
         name = str(entry["name"])
+        options, sweeps = entry.get("options") or {}, entry.get("sweeps", {})
+        if not isinstance(options, dict):
+            raise UserError(f"{source}: options of {name} must be a mapping, got {options!r}")
+        if sweeps is not False and not isinstance(sweeps, dict):
+            raise UserError(f"{source}: sweeps of {name} must be a mapping or false, got {sweeps!r}")
+        paths = entry["ensemble"] if "ensemble" in entry else [entry["path"]]
+        if not isinstance(paths, list) or not paths:
+            raise UserError(f"{source}: ensemble of {name} must be a non-empty list of paths")
         if name in names or name.lower().startswith("teacher"):
             raise UserError(f"{source}: student name {name!r} is repeated or starts with 'Teacher'")
         names.add(name)
-        students.append({"name": name, "path": str(entry["path"]), "options": dict(options)})
+        students.append({"name": name, "paths": [str(p) for p in paths], "options": dict(options),
+                         "sweeps": sweeps})
     return students
 
 
@@ -205,113 +203,59 @@ def _refuse_existing(save: Optional[str]):
         raise UserError(f"{save} already holds {what}; not overwriting it: choose another --save")
 
 
+register_config("evaluate/*", lambda argv: parse_evaluate_config(argv))
+
+
 # ------------------------------------------------------------------------------------- predict
 def _check_student(spec: dict):
-    """One clear line for a student whose script is missing or whose options it does not take."""
-    path = spec["path"]
-    model_dir = path if os.path.exists(os.path.join(path, "sidecar.json")) else os.path.join(path, "model")
-    if not os.path.exists(os.path.join(model_dir, "sidecar.json")):
-        raise UserError(f"student {spec['name']}: {path} is neither an export nor a run directory "
-                        f"with model/sidecar.json")
-    kind = read_sidecar(model_dir).get("kind")
-    script = PREDICTOR_SCRIPTS.get(kind)
-    if script is None:
-        raise UserError(f"student {spec['name']}: {model_dir} holds an unknown kind {kind!r}")
-    try:
-        loader = importlib.import_module(script).load_predictor
-    except (ImportError, AttributeError) as error:
-        raise UserError(f"student {spec['name']} is a {kind!r}, predicted by {script}.py, which "
-                        f"cannot be loaded: {error}") from None
-    try:
-        inspect.signature(loader).bind(model_dir, **spec["options"])
-    except TypeError:
-        valid = [n for n in list(inspect.signature(loader).parameters)[1:] if n != "kwargs"]
-        raise UserError(f"student {spec['name']}: {script}.load_predictor does not take options "
-                        f"{sorted(spec['options'])}; it takes {', '.join(valid)}") from None
+    """One clear line for an export no method predicts, or options its method does not take;
+    an ensemble's exports must all be of one method. Returns that method."""
+    methods = set()
+    for path in spec["paths"]:
+        check_options(path, spec["options"], f"student {spec['name']} ({path})")
+        methods.add(export_method(path, f"student {spec['name']}")[1])
+    if len(methods) > 1:
+        raise UserError(f"student {spec['name']}: an ensemble pools exports of one method, got "
+                        f"{', '.join(sorted(m.name for m in methods))}")
+    return methods.pop()
+
+
+def _load_student(spec: dict, **overrides):
+    """The student's Predictor: its one export, or its exports' members pooled."""
+    options = {**spec["options"], **overrides}
+    if len(spec["paths"]) == 1:
+        return load_predictor(spec["paths"][0], **options)
+    return ensemble_predictor(spec["name"], [load_predictor(p, **options) for p in spec["paths"]])
 
 
 def _cap(split: Split, n: Optional[int]) -> Split:
     return split if n is None or len(split) <= n else Split(split.images[:n], split.labels[:n])
 
 
-def _check_classes(logits: np.ndarray, num_classes: int, name: str):
-    if logits.ndim != 3 or logits.shape[-1] != num_classes:
-        raise UserError(f"{name} predicts logits of shape {list(logits.shape[1:])} per input, "
-                        f"but the data set has {num_classes} classes")
+# ------------------------------------------------------------------------------------- sweeps
+SWEEP_KEYS = ("acc", "nll", "ece", "brier", "kl_to_teacher", "agreement", "mi", "var", "amb",
+              "disagreement")
 
 
-def _ensemble_summary(logits, labels, teacher_probs=None) -> dict:
-    """summarize() without W2, plus KL and agreement to the teacher when given."""
-    out = metrics.summarize(logits, labels)
-    if teacher_probs is not None:
-        probs = metrics.ensemble_probs(logits)
-        out["kl_to_teacher"] = metrics.kl_to_teacher(teacher_probs, probs)
-        out["agreement"] = metrics.agreement(teacher_probs, probs)
-    return out
-
-
-def _uncertainty_scores(logits) -> dict:
-    member_probs = metrics.softmax(logits)
-    return {"entropy": metrics.predictive_entropy(member_probs.mean(axis=1)),
-            "mi": metrics.mutual_information(member_probs)}
-
-
-# ------------------------------------------------------------------------------------- EDFM sweeps
-def solver_option(kind: str = EDFM_KIND) -> Optional[str]:
-    """The keyword by which `<script>.load_predictor` takes the ODE solver, or None."""
-    try:
-        loader = importlib.import_module(PREDICTOR_SCRIPTS[kind]).load_predictor
-    except (ImportError, AttributeError):
-        return None
-    params = inspect.signature(loader).parameters
-    for name in SOLVER_OPTION_NAMES:
-        if name in params:
-            return name
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return SOLVER_OPTION_NAMES[0]
-    return None
-
-
-def edfm_sweeps(spec: dict, test: Split, teacher_logits, config: EvaluateConfig, mesh, key,
-                log=print) -> dict:
-    """EDFM quality against the number of members and against the function evaluations.
-
-    Each point is a fresh `load_predictor(path, **options, num_members=m)` or
-    `(..., num_steps=s[, <solver option>=solver])` evaluated on the test inputs; NFE of a point is
-    models.flow_matching.num_function_evals(solver, s) (head evaluations; one backbone pass each).
-    """
-    from models.flow_matching import num_function_evals
-
-    teacher_probs = metrics.ensemble_probs(teacher_logits)
-
-    def point(**overrides) -> dict:
-        predictor = load_predictor(spec["path"], **{**spec["options"], **overrides})
-        runner = Runner(predictor, mesh, config.eval_bs)
-        logits = runner(test.images, key)
-        s = _ensemble_summary(logits, test.labels, teacher_probs)
-        keep = ("acc", "nll", "ece", "brier", "kl_to_teacher", "agreement", "mi", "var", "amb",
-                "disagreement")
-        return {**{k: s[k] for k in keep}, "num_members": predictor.num_members,
-                "eval_seconds": runner.seconds}
-
-    out = {"members": [], "steps": {}}
-    for m in config.edfm_members_sweep:
-        out["members"].append({"num_members": m, **point(num_members=m)})
-        log(f"  {spec['name']} members={m}: acc {out['members'][-1]['acc']:.4f} "
-            f"nll {out['members'][-1]['nll']:.4f}")
-    option = solver_option()
-    for solver in config.edfm_solvers:
-        if solver != DEFAULT_SOLVER and option is None:
-            log(f"  {spec['name']}: edfm load_predictor takes no solver option; skipping {solver}")
-            continue
-        extra = {} if solver == DEFAULT_SOLVER else {option: solver}
-        rows = []
-        for s in config.edfm_steps_sweep:
-            nfe = num_function_evals(solver, s)
-            rows.append({"num_steps": s, "nfe": nfe, **point(num_steps=s, **extra)})
-            log(f"  {spec['name']} {solver} steps={s} (NFE {nfe}): acc {rows[-1]['acc']:.4f} "
-                f"nll {rows[-1]['nll']:.4f}")
-        out["steps"][solver] = rows
+def run_sweeps(spec: dict, method, test: Split, teacher_logits, config: EvaluateConfig, mesh, key,
+               log=print) -> dict:
+    """{sweep name: {"x_label", "points": [{x, options, metrics...}]}} of a student: the sweeps
+    its method's hook defines (utils.method.Sweep), each point a fresh load_predictor with the
+    point's options, evaluated on the test inputs."""
+    if method.sweeps is None or spec["sweeps"] is False:
+        return {}
+    out = {}
+    for sweep in method.sweeps(spec["options"], spec["sweeps"]):
+        points = []
+        for x, options in sweep.points:
+            runner = Runner(_load_student(spec, **options), mesh, config.eval_bs)
+            summary = ensemble_summary(runner(test.images, key), test.labels, teacher_logits)
+            points.append({"x": x, "options": options, **{k: summary[k] for k in SWEEP_KEYS},
+                           "num_members": runner.predictor.num_members,
+                           "eval_seconds": runner.seconds})
+            log(f"  {spec['name']} {sweep.name} {sweep.x_label}={x}: acc {summary['acc']:.4f} "
+                f"nll {summary['nll']:.4f}")
+        out[sweep.name] = {"x_label": sweep.x_label, "points": points}
     return out
 
 
@@ -412,17 +356,16 @@ def ood_table(results: dict, ood_names) -> str:
 
 
 def sweep_tables(sweeps: dict) -> list[str]:
+    """sweeps: {student: {sweep name: {x_label, points}}} -> one markdown table per sweep."""
     parts = []
-    for name, sweep in sweeps.items():
-        rows = [[p["num_members"], _fmt(p["acc"], "pct"), _fmt(p["nll"]), _fmt(p["kl_to_teacher"]),
-                 _fmt(p["agreement"], "pct"), _fmt(p["mi"])] for p in sweep["members"]]
-        parts.append(f"### {name}: members\n\n" + markdown_table(
-            ["Members", "Acc (%)", "NLL", "KL to teacher", "Agreement (%)", "MI"], rows))
-        for solver, points in sweep["steps"].items():
-            rows = [[p["num_steps"], p["nfe"], _fmt(p["acc"], "pct"), _fmt(p["nll"]),
-                     _fmt(p["kl_to_teacher"]), _fmt(p["agreement"], "pct")] for p in points]
-            parts.append(f"### {name}: {solver} steps\n\n" + markdown_table(
-                ["Steps", "NFE", "Acc (%)", "NLL", "KL to teacher", "Agreement (%)"], rows))
+    for student, by_name in sweeps.items():
+        for sweep_name, sweep in by_name.items():
+            rows = [[p["x"], ", ".join(f"{k}={v}" for k, v in p["options"].items()), p["num_members"],
+                     _fmt(p["acc"], "pct"), _fmt(p["nll"]), _fmt(p["kl_to_teacher"]),
+                     _fmt(p["agreement"], "pct"), _fmt(p["mi"])] for p in sweep["points"]]
+            parts.append(f"### {student}: {sweep_name}\n\n" + markdown_table(
+                [sweep["x_label"], "Options", "Members", "Acc (%)", "NLL", "KL to teacher",
+                 "Agreement (%)", "MI"], rows))
     return parts
 
 
@@ -449,7 +392,7 @@ def write_markdown(path: str, config, results: dict, shift_names, ood_names, swe
     if ood_names:
         lines += ["## Out-of-distribution sets", "", ood_table(results, ood_names), ""]
     if sweeps:
-        lines += ["## EDFM sweeps", ""] + [p + "\n" for p in sweep_tables(sweeps)]
+        lines += ["## Sweeps", ""] + [p + "\n" for p in sweep_tables(sweeps)]
     lines += ["## Plots", ""] + [f"![{n}]({n})" for n in plot_names] + [""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -461,31 +404,27 @@ def write_plots(run_dir: str, results: dict, reliability: dict, sweeps: dict, te
     plots.reliability_diagrams(os.path.join(run_dir, "reliability.png"), reliability,
                                title="reliability on the test set")
     names.append("reliability.png")
-    points = {name: {"acc": r["test"]["acc"], "mi": r["test"]["mi"], "var": r["test"]["var"],
-                     "shift": [{"acc": s["acc"], "mi": s["mi"], "var": s["var"]}
+    spread = lambda value: 0.0 if value is None else value  # noqa: E731 (one member: none)
+    points = {name: {"acc": r["test"]["acc"], "mi": spread(r["test"]["mi"]),
+                     "var": spread(r["test"]["var"]),
+                     "shift": [{"acc": s["acc"], "mi": spread(s["mi"]), "var": spread(s["var"])}
                                for s in r["shift"].values()]} for name, r in results.items()}
     plots.diversity_vs_accuracy(os.path.join(run_dir, "diversity_vs_accuracy.png"), points)
     names.append("diversity_vs_accuracy.png")
-    if sweeps:
-        keys = ("acc", "nll", "kl_to_teacher")
-        t = results[teacher_name]["test"]
-        reference = {"label": teacher_name, "acc": t["acc"], "nll": t["nll"]}
-        curves = {name: {"x": [p["num_members"] for p in s["members"]],
-                         **{k: [p[k] for p in s["members"]] for k in keys}}
-                  for name, s in sweeps.items() if s["members"]}
-        if curves:
-            plots.sweep_plot(os.path.join(run_dir, "edfm_members.png"), curves, "members per input",
-                             keys, reference=reference, logx=True,
-                             title="EDFM quality against the number of members")
-            names.append("edfm_members.png")
-        curves = {f"{name} {solver}": {"x": [p["nfe"] for p in points],
-                                       **{k: [p[k] for p in points] for k in keys}}
-                  for name, s in sweeps.items() for solver, points in s["steps"].items() if points}
-        if curves:
-            plots.sweep_plot(os.path.join(run_dir, "edfm_nfe.png"), curves,
-                             "function evaluations (head)", keys, reference=reference,
-                             title="EDFM quality against the number of function evaluations")
-            names.append("edfm_nfe.png")
+    keys = ("acc", "nll", "kl_to_teacher")
+    t = results[teacher_name]["test"]
+    reference = {"label": teacher_name, "acc": t["acc"], "nll": t["nll"]}
+    for student, by_name in sweeps.items():
+        for sweep_name, sweep in by_name.items():
+            points = sweep["points"]
+            name = f"{student}_{sweep_name}".lower().replace(" ", "_") + ".png"
+            curve = {"x": [p["x"] for p in points], **{k: [p[k] for p in points] for k in keys}}
+            xs = curve["x"]
+            plots.sweep_plot(os.path.join(run_dir, name), {student: curve}, sweep["x_label"], keys,
+                             reference=reference,
+                             logx=len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 16,
+                             title=f"{student}: quality against {sweep['x_label']}")
+            names.append(name)
     return names
 
 
@@ -494,6 +433,12 @@ def _latency_batch(images: np.ndarray, size: int) -> np.ndarray:
     """The first `size` images, repeated when the set is smaller."""
     idx = np.arange(size) % len(images)
     return np.ascontiguousarray(images[idx])
+
+
+def _mean(values):
+    """The mean of the values that are defined (None: a metric a one-member model lacks)."""
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
 
 
 def _plain(tree):
@@ -510,8 +455,7 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     """The whole evaluation; returns {run_dir, results, sweeps, ...} (also written to disk)."""
     _refuse_existing(config.save)
     find_teacher_runs(config.teacher_dir)  # the cheap checks first: paths, scripts, options
-    for spec in config.students:
-        _check_student(spec)
+    methods = {spec["name"]: _check_student(spec) for spec in config.students}
     wall = time.perf_counter()
     timings = {}
     dataset = load_dataset(config.data_name, config.data_root, download=config.download)
@@ -533,11 +477,11 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     predictors = {teacher.name: teacher}
     specs = {}
     for spec in config.students:
-        predictor = load_predictor(spec["path"], **spec["options"])
+        predictor = _load_student(spec)
         data_name = predictor.sidecar.get("data_name")
         if data_name not in (None, config.data_name):
-            raise UserError(f"student {spec['name']} ({spec['path']}) was trained on {data_name}, "
-                            f"not {config.data_name}")
+            raise UserError(f"student {spec['name']} ({', '.join(spec['paths'])}) was trained on "
+                            f"{data_name}, not {config.data_name}")
         predictors[spec["name"]] = predictor
         specs[spec["name"]] = spec
     run_dir = prepare_run_dir(config, "evaluate")
@@ -549,7 +493,7 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     runners = {name: Runner(p, mesh, config.eval_bs) for name, p in predictors.items()}
     base_key = jax.random.PRNGKey(config.seed)
     results = {name: {"kind": p.kind, "num_members": p.num_members,
-                      "path": specs[name]["path"] if name in specs else config.teacher_dir,
+                      "paths": specs[name]["paths"] if name in specs else [config.teacher_dir],
                       "options": specs[name]["options"] if name in specs else {},
                       "test": {}, "shift": {}, "ood": {}, "shift_mean": {}, "ood_mean": {},
                       "cost": {}} for name, p in predictors.items()}
@@ -559,23 +503,20 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     start = time.perf_counter()
     key = jax.random.fold_in(base_key, 0)
     teacher_test = runners[teacher.name](test.images, key, desc=f"{teacher.name} test")
-    _check_classes(teacher_test, dataset.num_classes, teacher.name)
-    teacher_probs = metrics.ensemble_probs(teacher_test)
+    check_classes(teacher_test, dataset.num_classes, teacher.name)
     for name, runner in runners.items():
         is_teacher = name == teacher.name
         logits = teacher_test if is_teacher else runner(test.images, key, desc=f"{name} test")
-        _check_classes(logits, dataset.num_classes, name)
-        if is_teacher or not config.w2:
-            summary = _ensemble_summary(logits, test.labels, None if is_teacher else teacher_probs)
-        else:
-            summary = metrics.summarize(logits, test.labels, teacher_test)
+        check_classes(logits, dataset.num_classes, name)
+        summary = ensemble_summary(logits, test.labels, None if is_teacher else teacher_test,
+                                   w2=config.w2)
         results[name]["test"] = summary
-        in_scores[name] = _uncertainty_scores(logits)
+        in_scores[name] = uncertainty_scores(logits)
         probs = metrics.ensemble_probs(logits)
         reliability[name] = (probs.max(axis=-1), probs.argmax(axis=-1) == test.labels)
         log(f"{name} test: " + "  ".join(f"{k} {summary[k]:.4f}" for k in
                                          ("acc", "nll", "ece", "kl_to_teacher", "w2", "mi")
-                                         if k in summary))
+                                         if summary.get(k) is not None))
     timings["test_s"] = time.perf_counter() - start
 
     # Shift sets: the same metrics but W2, KL and agreement to the teacher on the same inputs.
@@ -583,17 +524,16 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     for index, (set_name, split) in enumerate(shift.items(), start=1):
         key = jax.random.fold_in(base_key, index)
         t_logits = runners[teacher.name](split.images, key)
-        t_probs = metrics.ensemble_probs(t_logits)
         for name, runner in runners.items():
             is_teacher = name == teacher.name
             logits = t_logits if is_teacher else runner(split.images, key)
-            results[name]["shift"][set_name] = _ensemble_summary(
-                logits, split.labels, None if is_teacher else t_probs)
+            results[name]["shift"][set_name] = ensemble_summary(
+                logits, split.labels, None if is_teacher else t_logits)
         log(f"shift {set_name}: " + "  ".join(f"{n} {r['shift'][set_name]['acc']:.4f}"
                                                for n, r in results.items()))
     for r in results.values():
         if r["shift"]:
-            r["shift_mean"] = {k: float(np.mean([s[k] for s in r["shift"].values()]))
+            r["shift_mean"] = {k: _mean([s[k] for s in r["shift"].values()])
                                for k in ("acc", "nll", "ece", "brier", "mi")}
     timings["shift_s"] = time.perf_counter() - start
 
@@ -602,14 +542,13 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     for index, (set_name, images) in enumerate(ood.items(), start=len(shift) + 1):
         key = jax.random.fold_in(base_key, index)
         for name, runner in runners.items():
-            scores = _uncertainty_scores(runner(images, key))
-            results[name]["ood"][set_name] = {
-                f"auroc_{s}": metrics.ood_auroc(in_scores[name][s], scores[s]) for s in ("entropy", "mi")}
+            results[name]["ood"][set_name] = ood_aurocs(in_scores[name],
+                                                        uncertainty_scores(runner(images, key)))
         log(f"OOD {set_name}: " + "  ".join(f"{n} {r['ood'][set_name]['auroc_entropy']:.4f}"
                                              for n, r in results.items()))
     for r in results.values():
         if r["ood"]:
-            r["ood_mean"] = {k: float(np.mean([o[k] for o in r["ood"].values()]))
+            r["ood_mean"] = {k: _mean([o[k] for o in r["ood"].values()])
                              for k in ("auroc_entropy", "auroc_mi")}
     timings["ood_s"] = time.perf_counter() - start
     for name, runner in runners.items():
@@ -628,15 +567,15 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
             f"{1e3 * c['latency_s']:.2f} ms per batch of {latency_bs}")
     timings["cost_s"] = time.perf_counter() - start
 
-    # EDFM: quality against members and function evaluations.
+    # Each student's sweeps, from its method's hook (EDFM: members, function evaluations).
     start = time.perf_counter()
     sweeps = {}
-    for name, predictor in predictors.items():
-        if name in specs and predictor.kind == EDFM_KIND:
-            log(f"EDFM sweeps of {name}")
-            sweeps[name] = edfm_sweeps(specs[name], test, teacher_test, config, mesh,
-                                       jax.random.fold_in(base_key, 10_000), log=log)
-    timings["edfm_sweeps_s"] = time.perf_counter() - start
+    for name, spec in specs.items() if config.sweeps else ():
+        student_sweeps = run_sweeps(spec, methods[name], test, teacher_test, config, mesh,
+                                    jax.random.fold_in(base_key, 10_000), log=log)
+        if student_sweeps:
+            sweeps[name] = student_sweeps
+    timings["sweeps_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     plot_names = write_plots(run_dir, results, reliability, sweeps, teacher.name)
@@ -648,7 +587,7 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     with open(os.path.join(run_dir, "results.json"), "w") as f:
         json.dump(_plain({"config": dataclasses.asdict(config), "info": info, "timings": timings,
                           "shift_sets": list(shift), "ood_sets": list(ood), "methods": results,
-                          "edfm_sweeps": sweeps, "plots": plot_names}), f, indent=1)
+                          "sweeps": sweeps, "plots": plot_names}), f, indent=1)
     write_markdown(os.path.join(run_dir, "results.md"), config, results, list(shift), list(ood),
                    sweeps, plot_names, info, latency_bs)
     table = main_table(results, latency_bs)

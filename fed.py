@@ -29,26 +29,26 @@ reference's OR rule [Q4]. The export `<run>/model/` has kind "fed".
 """
 import dataclasses
 import math
-import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from data.augment import configured_pipeline
-from data.datasets import load_dataset
+from data.augment import configured_pipeline, eval_images
 from models import losses
 from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
-from utils.checkpoints import load_export, save_export
-from utils.config import StudentConfig, parse_config, prepare_run_dir
-from utils.errors import UserError, cli_main
-from utils.optim import epoch_piecewise, sgd_l2
-from utils.teachers import load_teachers, sample_teacher_logits
-from utils.trainer import Trainer, TrainState, masked_mean
+from utils.checkpoints import load_export
+from utils.config import StudentConfig
+from utils.driver import load_teachers_checked, train_main
+from utils.errors import UserError
+from utils.method import Method, Run, register
+from utils.predict import Predictor, count_params
+from utils.optim import epoch_piecewise, make_optimizer
+from utils.teachers import sample_teacher_logits
+from utils.trainer import (TrainState, init_variables, masked_mean, prediction_metrics,
+                           steps_per_epoch)
 
 FED_KIND = "fed"
-SELECT_METRICS = ("ens_nll", "ens_acc", "nll", "acc")
 
 
 @dataclasses.dataclass
@@ -62,26 +62,20 @@ class FedConfig(StudentConfig):
     optim_bs: int = 64
     optim_ne: int = 250
     optim_lr: float = 1e-3
-    optim_momentum: float = 0.9  # sgd only
     optim_weight_decay: float = 0.0
     optim_boundaries_and_scales: dict[int, float] = dataclasses.field(
         default_factory=lambda: {175: 0.33, 225: 0.33, 275: 0.33, 350: 0.33, 400: 0.33})
     noise_std: float = 0.1
     kernel: str = "rbf"
     bandwidth_range: list[float] = dataclasses.field(default_factory=lambda: [2.0, 10.0, 20.0, 50.0])
-    select_metric: str = "ens_nll"
+    select_metric: Optional[str] = "ens_nll"
 
     def validate(self):
         super().validate()
-        if self.optim not in ("sgd", "adam"):
-            raise UserError(f"optim must be sgd or adam, got {self.optim!r}")
         if self.kernel != "rbf":
             raise UserError(f"kernel must be rbf, got {self.kernel!r}")
         checks = [("num_teachers", self.num_teachers >= 1, ">= 1"),
                   ("num_ensembles", self.num_ensembles >= 1, ">= 1"),
-                  ("optim_lr", self.optim_lr > 0, "> 0"),
-                  ("optim_momentum", 0 <= self.optim_momentum < 1, "in [0, 1)"),
-                  ("optim_weight_decay", self.optim_weight_decay >= 0, ">= 0"),
                   ("noise_std", self.noise_std > 0, "> 0 (the generator needs its noise)")]
         for key, ok, rule in checks:
             if not ok:
@@ -95,22 +89,6 @@ class FedConfig(StudentConfig):
                                 f"got {epoch}: {scale}")
         if self.num_classes is not None and self.num_classes < 2:
             raise UserError(f"num_classes must be >= 2, got {self.num_classes}")
-        if self.select_metric not in SELECT_METRICS:
-            raise UserError(f"select_metric must be one of {', '.join(SELECT_METRICS)}, "
-                            f"got {self.select_metric!r}")
-
-
-def make_optimizer(config: FedConfig, schedule):
-    if config.optim == "sgd":
-        return sgd_l2(schedule, config.optim_momentum, config.optim_weight_decay)
-    if config.optim_weight_decay == 0:
-        return optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8)
-    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.optim_weight_decay)
-
-
-def prediction_metrics(log_probs, labels, prefix: str = ""):
-    return {f"{prefix}acc": (jnp.argmax(log_probs, -1) == labels).astype(jnp.float32),
-            f"{prefix}nll": -jnp.take_along_axis(log_probs, labels[:, None], 1)[:, 0]}
 
 
 def generator_logits(model, variables, images, key, num_samples: int, train: bool = False):
@@ -161,9 +139,8 @@ def make_loss_fn(model, teacher_model, config: FedConfig):
 
 def make_eval_fn(model, config: FedConfig):
     def eval_fn(state, frozen, batch, key):
-        images = batch["images"].astype(jnp.float32) / 255.0
-        logits, _ = generator_logits(model, {"params": state.params, **state.model_state}, images,
-                                     key, config.num_ensembles)
+        logits, _ = generator_logits(model, {"params": state.params, **state.model_state},
+                                     eval_images(batch["images"]), key, config.num_ensembles)
         log_probs = jax.nn.log_softmax(logits)  # [B, S, K]
         ensemble = jax.nn.logsumexp(log_probs, 1) - math.log(config.num_ensembles)
         return {**prediction_metrics(log_probs[:, 0], batch["labels"]),
@@ -172,60 +149,35 @@ def make_eval_fn(model, config: FedConfig):
     return eval_fn
 
 
-def export_generator(run_dir, config: FedConfig, model, state, val_metrics):
-    directory = os.path.join(run_dir, "model")
+def export_generator(model, config: FedConfig, state):
     sidecar = {"kind": FED_KIND, "model": resnet_spec(model), "num_classes": model.num_classes,
-               "method": "FED", "data_name": config.data_name, "seed": config.seed,
-               "trained_by": "fed.py", "teacher_dir": config.teacher_dir,
+               "method": "FED", "teacher_dir": config.teacher_dir,
                "num_teachers": config.num_teachers, "bandwidth_range": list(config.bandwidth_range),
-               "select_metric": config.select_metric, "val": val_metrics}
-    save_export(directory, {"params": jax.device_get(state.params),
-                            "model_state": jax.device_get(state.model_state)}, sidecar)
-    return directory
+               "select_metric": config.select_metric}
+    return {"params": jax.device_get(state.params),
+            "model_state": jax.device_get(state.model_state)}, sidecar
 
 
-@cli_main
-def main(argv):
-    config = parse_config(FedConfig, argv)
-    dataset = load_dataset(config.data_name, config.data_root, download=config.download,
-                           num_train_examples=config.num_train_examples)
-    if config.num_classes is not None and config.num_classes != dataset.num_classes:
-        raise UserError(f"num_classes is {config.num_classes} but {dataset.name} has "
-                        f"{dataset.num_classes} classes")
-    teachers = load_teachers(config.teacher_dir, dataset.name, dtype=jnp.dtype(config.dtype))
-    if teachers.num_classes != dataset.num_classes:
-        raise UserError(f"the teachers in {config.teacher_dir} predict {teachers.num_classes} "
-                        f"classes, {dataset.name} has {dataset.num_classes}")
-    run_dir = prepare_run_dir(config, "fed")
+def build(config: FedConfig, dataset) -> Run:
+    teachers = load_teachers_checked(config, dataset)
     model = resnet_from_config(config, dataset.num_classes, dataset.pixel_mean, dataset.pixel_std,
                                noise_std=config.noise_std, dtype=jnp.dtype(config.dtype))
     params_key, noise_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = jax.jit(model.init)({"params": params_key, "noise": noise_key},
-                                    dataset.train.images[:1] / 255.0)
-    params, model_state = variables.pop("params"), dict(variables)
-    steps_per_epoch = -(-len(dataset.train.images) // config.optim_bs)
-    schedule = epoch_piecewise(config.optim_lr, steps_per_epoch, config.optim_boundaries_and_scales)
+    params, model_state = init_variables(model, {"params": params_key, "noise": noise_key},
+                                         dataset.train.images)
+    steps = steps_per_epoch(len(dataset.train), config.optim_bs)
+    schedule = epoch_piecewise(config.optim_lr, steps, config.optim_boundaries_and_scales)
     optimizer = make_optimizer(config, schedule)
-    trainer = Trainer.for_run(run_dir, config, optimizer=optimizer, lr_schedule=schedule,
-                              loss_fn=make_loss_fn(model, teachers.model, config),
-                              eval_fn=make_eval_fn(model, config),
-                              select_metric=config.select_metric)
-    state = trainer.fit(TrainState.create(params, optimizer, model_state), dataset.train,
-                        dataset.val, frozen={"teachers": teachers.moments})
-    if not os.path.exists(os.path.join(run_dir, "model")):
-        best, val = trainer.selected(state)
-        export_generator(run_dir, config, model, best, val)
-        print(f"best validation {config.select_metric} = {val.get(config.select_metric)} "
-              f"(epoch {val.get('epoch')})")
-    trainer.checkpoints.close()
-    print(f"FED generator saved in {run_dir}/model")
+    return Run(state=TrainState.create(params, optimizer, model_state),
+               loss_fn=make_loss_fn(model, teachers.model, config),
+               eval_fn=make_eval_fn(model, config), optimizer=optimizer, lr_schedule=schedule,
+               frozen={"teachers": teachers.moments}, select_metric=config.select_metric,
+               export=lambda state, val: export_generator(model, config, state))
 
 
 def load_predictor(model_dir, num_members: int = 8, seed: int = 0):
     """A Predictor for a "fed" export: `num_members` generator samples per input (default 8),
     each with its own noise from the key utils.predict passes (`seed` is unused)."""
-    from utils.predict import Predictor, count_params
-
     del seed
     if num_members < 1:
         raise UserError(f"num_members must be >= 1, got {num_members}")
@@ -240,6 +192,11 @@ def load_predictor(model_dir, num_members: int = 8, seed: int = 0):
                      args=variables, num_members=num_members,
                      num_params=count_params(variables["params"]), sidecar=sidecar)
 
+
+METHOD = register(Method(name="fed", config_class=FedConfig, build=build,
+                         load_predictor=load_predictor, export_kinds=(FED_KIND,),
+                         config_files=("distillation/fed_*",)))
+main = train_main(METHOD)
 
 if __name__ == "__main__":
     main()

@@ -54,17 +54,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from data.augment import augment_batch
-from data.datasets import Split, load_dataset
+from data.augment import augment_batch, eval_images
+from data.datasets import Split
 from models import diffusion as gd
 from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
 from models.vector_field import DiffusionMLP
-from utils.checkpoints import SIDECAR, load_export, read_sidecar, save_export
-from utils.config import CommonConfig, parse_config, prepare_run_dir
-from utils.errors import UserError, cli_main
-from utils.trainer import Trainer, TrainState, masked_mean
+from utils.checkpoints import find_export, load_export, read_sidecar
+from utils.config import CommonConfig
+from utils.driver import train_main
+from utils.errors import UserError
+from utils.method import Method, Run, Sweep, register
+from utils.optim import make_optimizer
+from utils.predict import Predictor, count_params
+from utils.trainer import TrainState, init_variables, masked_mean, prediction_metrics, steps_per_epoch
 
 KIND = "gendd"
 LAYERNORM_EPS = 1e-5  # the projector LayerNorm (PyTorch's default eps)
@@ -90,9 +93,6 @@ class GenDDConfig(CommonConfig):
     optim_ne: int = 240
     optim_lr: float = 1e-3
     optim_weight_decay: float = 5e-2
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
     beta2_min: Optional[float] = 0.95  # null: constant adam_beta2
     lr_schedule: str = "step"  # step (CIFAR) | cos (ImageNet / CC3M)
     warmup_epochs: int = 50
@@ -123,7 +123,7 @@ class GenDDConfig(CommonConfig):
     num_sampling: int = 5  # sampled features per image of the exported predictor
     val_num_sampling: int = 1  # ... during validation
     num_val_examples: Optional[int] = None  # validate on the first N validation images only
-    eval_every: int = 1
+    select_metric: Optional[str] = "acc"
 
     def validate(self):
         super().validate()
@@ -132,7 +132,7 @@ class GenDDConfig(CommonConfig):
         if self.teacher_dir is None:
             raise UserError("gendd.py needs teacher_dir: a teacher export (sgd_swag.py with "
                             "swag: false, or a KD student) or one swag_teacher run")
-        if self.optim != "adamw":
+        if self.optim not in ("adam", "adamw"):
             raise UserError(f"gendd.py trains with optim adamw, got {self.optim!r}")
         if self.gendd_stage == 1 and self.unsupervised:
             raise UserError("stage 1 trains on labels; unsupervised GenDD starts at gendd_stage 2")
@@ -151,7 +151,7 @@ class GenDDConfig(CommonConfig):
                             f"{self.adam_beta2}")
         positive = ["token_dim", "diffusion_batch_mul", "head_width", "head_depth",
                     "num_diffusion_steps", "num_sampling_steps", "num_sampling",
-                    "val_num_sampling", "stage1_ne", "eval_every"]
+                    "val_num_sampling", "stage1_ne"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise UserError(f"config key {key} must be >= 1, got {getattr(self, key)}")
@@ -264,12 +264,9 @@ def linear(params, features):
     return features @ params["kernel"] + params["bias"]
 
 
-def cross_entropy(logits, labels):
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)[:, 0]
-
-
-def accuracy(logits, labels):
-    return (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+def logit_metrics(logits, labels, prefix: str = ""):
+    """Per-example accuracy and cross-entropy of logits [B, K]."""
+    return prediction_metrics(jax.nn.log_softmax(logits), labels, prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,22 +324,6 @@ def beta2_schedule(beta2_min: float, beta2_max: float, total_steps: int):
     return schedule
 
 
-def adamw(lr_schedule, weight_decay: float, *, b1: float, b2, eps: float, decay_mask,
-          frozen_mask=None):
-    """AdamW whose β2 may be a schedule (a callable of the step): scale_by_adam with injected
-    hyperparameters, decoupled weight decay on the `decay_mask` leaves (scaled by the LR, as
-    PyTorch's AdamW), the LR; updates of the `frozen_mask` leaves are zeroed."""
-    if callable(b2):
-        adam = optax.inject_hyperparams(optax.scale_by_adam)(b1=b1, b2=b2, eps=eps)
-    else:
-        adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-    parts = [adam, optax.add_decayed_weights(weight_decay, mask=decay_mask),
-             optax.scale_by_learning_rate(lr_schedule)]
-    if frozen_mask is not None:
-        parts.append(optax.masked(optax.set_to_zero(), frozen_mask))
-    return optax.chain(*parts)
-
-
 def decay_mask_of(params):
     """Weight decay for the student (backbone incl. BatchNorm, fc_s) and stage-1's P; none for
     the diffusion head and the projector LayerNorm ([Q3] fixed)."""
@@ -361,25 +342,12 @@ def frozen_mask_of(params, freeze_student_fc: bool):
 # ---------------------------------------------------------------------------------------------
 # Loading teachers and student weights
 # ---------------------------------------------------------------------------------------------
-def resolve_export(path: str, what: str) -> str:
-    """An export directory from a path to one or to a run directory holding `model/`."""
-    if os.path.exists(os.path.join(path, SIDECAR)):
-        return path
-    if os.path.exists(os.path.join(path, "model", SIDECAR)):
-        return os.path.join(path, "model")
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, d, "model", SIDECAR))
-                                   for d in os.listdir(path)):
-        raise UserError(f"{what} {path} holds several runs; GenDD distills one teacher: pass one "
-                        f"run directory")
-    raise UserError(f"{what} {path} is not an exported model (no {SIDECAR} in it or in its model/)")
-
-
 def load_teacher(teacher_dir: str, data_name: Optional[str] = None,
                  num_classes: Optional[int] = None):
     """(model, variables, sidecar) of a single teacher: a "resnet" export (a KD student, a plain
     cross-entropy network from sgd_swag.py with swag: false) or one swag_teacher run, whose SWA
     mean is used. The network must have a "classifier" Dense over its pooled feature."""
-    model_dir = resolve_export(teacher_dir, "teacher_dir")
+    model_dir = find_export(teacher_dir, "teacher_dir")
     sidecar = read_sidecar(model_dir)
     kind = sidecar.get("kind")
     if kind == "resnet":
@@ -410,7 +378,7 @@ def load_student_weights(path: str, student, like_variables):
     """(params, model_state) of a student export (gendd stage 1 or 2, or a resnet) whose
     architecture is the configured student's (`like_variables`: its variables or their shapes);
     stage 1's P is not loaded (spec §1)."""
-    model_dir = resolve_export(path, "init_from")
+    model_dir = find_export(path, "init_from")
     arrays, sidecar = load_export(model_dir)
     kind = sidecar.get("kind")
     if kind == KIND:
@@ -455,9 +423,9 @@ def make_stage1_loss_fn(student, config):
         images = _augment(config, key, batch)
         out, model_state = _student_train(student, params, model_state, images)
         logits = linear(frozen["classifier"], _project(params, out.pooled))
-        nll = masked_mean(cross_entropy(logits, batch["labels"]), batch["mask"])
-        metrics = {"nll": nll, "acc": masked_mean(accuracy(logits, batch["labels"]), batch["mask"])}
-        return nll, (model_state, metrics)
+        metrics = {name: masked_mean(value, batch["mask"])
+                   for name, value in logit_metrics(logits, batch["labels"]).items()}
+        return metrics["nll"], (model_state, metrics)
 
     return loss_fn
 
@@ -487,10 +455,12 @@ def make_stage2_loss_fn(student, teacher, head, diffusion, config):
         metrics = {"diff_loss": diff_loss, "mse": masked_mean(losses["mse"], row_mask),
                    "vb": masked_mean(losses["vb"], row_mask)}
         probe_logits = linear(params["student"]["classifier"], jax.lax.stop_gradient(f_s))
-        metrics["probe_acc"] = masked_mean(accuracy(probe_logits, labels), mask)
+        probe = {name: masked_mean(value, mask)
+                 for name, value in logit_metrics(probe_logits, labels, "probe_").items()}
+        metrics["probe_acc"] = probe["probe_acc"]
         loss = diff_loss
         if not config.unsupervised:
-            metrics["probe_nll"] = masked_mean(cross_entropy(probe_logits, labels), mask)
+            metrics["probe_nll"] = probe["probe_nll"]
             loss = loss + metrics["probe_nll"]
         return loss, (model_state, metrics)
 
@@ -498,7 +468,7 @@ def make_stage2_loss_fn(student, teacher, head, diffusion, config):
 
 
 def _eval_common(student, teacher, state, frozen, batch):
-    images = batch["images"].astype(jnp.float32) / 255.0
+    images = eval_images(batch["images"])
     out = student.apply({"params": state.params["student"], **state.model_state}, images,
                         return_features=True)
     teacher_out = teacher.apply(frozen["teacher"], images, return_features=True)
@@ -510,8 +480,8 @@ def make_stage1_eval_fn(student, teacher):
         _, out, teacher_out = _eval_common(student, teacher, state, frozen, batch)
         logits = linear(frozen["classifier"], _project(state.params, out.pooled))
         labels = batch["labels"]
-        return {"acc": accuracy(logits, labels), "nll": cross_entropy(logits, labels),
-                "teacher_acc": accuracy(teacher_out.logits, labels)}
+        return {**logit_metrics(logits, labels),
+                "teacher_acc": logit_metrics(teacher_out.logits, labels)["acc"]}
 
     return eval_fn
 
@@ -534,10 +504,8 @@ def make_stage2_eval_fn(student, teacher, head, sampler, config):
         else:
             target = contract(teacher_out.pooled, frozen["classifier"]["kernel"], config.smooth,
                               labels=labels)
-        return {"acc": accuracy(logits, labels), "nll": cross_entropy(logits, labels),
-                "probe_acc": accuracy(probe_logits, labels),
-                "probe_nll": cross_entropy(probe_logits, labels),
-                "teacher_acc": accuracy(teacher_out.logits, labels),
+        return {**logit_metrics(logits, labels), **logit_metrics(probe_logits, labels, "probe_"),
+                "teacher_acc": logit_metrics(teacher_out.logits, labels)["acc"],
                 "feature_mse": jnp.mean(jnp.square(mean_feature - target), axis=-1)}
 
     return eval_fn
@@ -551,20 +519,20 @@ def head_fields(head: DiffusionMLP) -> dict:
             "depth": head.depth, "time_embed_dim": head.time_embed_dim}
 
 
-def export_gendd(run_dir, config, student, teacher_sidecar, params, model_state, classifier,
-                 head, val_metrics, selected_epoch):
-    """Write `<run>/model/`: arrays {student: {params, model_state}, teacher_classifier, and
-    projector + head (stage 2) or proj (stage 1, when P is a Dense)} and the sidecar."""
+def export_gendd(config, student, teacher_sidecar, params, model_state, classifier, head,
+                 selected_epoch):
+    """(arrays, sidecar) of kind "gendd": arrays {student: {params, model_state},
+    teacher_classifier, and projector + head (stage 2) or proj (stage 1, when P is a Dense)}."""
     arrays = {"student": {"params": params["student"]},
               "teacher_classifier": {"kernel": classifier["kernel"], "bias": classifier["bias"]}}
     if model_state:
         arrays["student"]["model_state"] = model_state
     sidecar = {"kind": KIND, "gendd_stage": config.gendd_stage, "student": resnet_spec(student),
-               "data_name": config.data_name, "num_classes": student.num_classes,
-               "feature_dim": int(np.shape(classifier["kernel"])[0]), "seed": config.seed,
-               "trained_by": "gendd.py", "teacher_dir": os.path.abspath(config.teacher_dir),
+               "num_classes": student.num_classes,
+               "feature_dim": int(np.shape(classifier["kernel"])[0]),
+               "teacher_dir": os.path.abspath(config.teacher_dir),
                "teacher_kind": teacher_sidecar.get("kind"), "teacher_model": teacher_sidecar["model"],
-               "val": val_metrics, "selected_epoch": selected_epoch}
+               "selected_epoch": selected_epoch}
     if config.gendd_stage == 1:
         if "proj" in params:
             arrays["proj"] = params["proj"]
@@ -576,7 +544,7 @@ def export_gendd(run_dir, config, student, teacher_sidecar, params, model_state,
                         "x0_clip": config.x0_clip,
                         "num_sampling": config.num_sampling, "smooth": config.smooth,
                         "unsupervised": config.unsupervised})
-    save_export(os.path.join(run_dir, "model"), arrays, sidecar)
+    return arrays, sidecar
 
 
 def load_predictor(model_dir, num_members: Optional[int] = None,
@@ -593,9 +561,7 @@ def load_predictor(model_dir, num_members: Optional[int] = None,
     (1.0: no guidance) and `temperature` default to the sidecar's. `probe=True` (or a stage-1 export) gives the
     deterministic single member: the linear probe fc_s(f_s) (stage 2) or W·P(f_s) + b (stage 1).
     """
-    from utils.predict import Predictor, count_params
-
-    model_dir = resolve_export(model_dir, "model_dir")
+    model_dir = find_export(model_dir, "model_dir")
     arrays, sidecar = load_export(model_dir, kind=KIND)
     student = resnet_from_spec(sidecar["student"])
     student_vars = {"params": arrays["student"]["params"],
@@ -657,10 +623,8 @@ def load_predictor(model_dir, num_members: Optional[int] = None,
 # ---------------------------------------------------------------------------------------------
 # The script
 # ---------------------------------------------------------------------------------------------
-def run(config: GenDDConfig, mesh=None) -> str:
-    """Train one stage and export it; returns the run directory. `mesh` defaults to all devices."""
-    dataset = load_dataset(config.data_name, config.data_root, download=config.download,
-                           num_train_examples=config.num_train_examples)
+def build(config: GenDDConfig, dataset) -> Run:
+    """One stage of GenDD as a Run (stage 1: classifier reuse; stage 2: GenDD)."""
     teacher, teacher_vars, teacher_sidecar = load_teacher(config.teacher_dir, config.data_name,
                                                           dataset.num_classes)
     classifier = teacher_vars["params"]["classifier"]
@@ -671,31 +635,27 @@ def run(config: GenDDConfig, mesh=None) -> str:
 
     student = resnet_from_config(config, dataset.num_classes, dataset.pixel_mean,
                                  dataset.pixel_std, dtype=jnp.dtype(config.dtype))
-    key = jax.random.PRNGKey(config.seed)
-    k_student, k_proj, k_head = jax.random.split(key, 3)
-    sample = dataset.train.images[:1].astype(np.float32) / 255.0
+    k_student, k_proj, k_head = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     if config.init_from:  # shapes suffice: no initialisation to compile
+        sample = eval_images(dataset.train.images[:1])
         student_params, model_state = load_student_weights(
             config.init_from, student, jax.eval_shape(student.init, k_student, sample))
     else:
-        variables = dict(jax.jit(student.init)(k_student, sample))
-        student_params = variables.pop("params")
-        model_state = variables
+        student_params, model_state = init_variables(student, k_student, dataset.train.images)
     student_dim = int(np.shape(student_params["classifier"]["kernel"])[0])
     params = {"student": student_params}
-    steps_per_epoch = -(-len(dataset.train.images) // config.optim_bs)
+    steps = steps_per_epoch(len(dataset.train), config.optim_bs)
     frozen = {"teacher": teacher_vars, "classifier": classifier}
 
-    head = diffusion = sampler = None
+    head = None
     if config.gendd_stage == 1:
         if student_dim != feature_dim:
             params["proj"] = nn.Dense(feature_dim).init(k_proj, jnp.zeros((1, student_dim)))["params"]
         num_epochs = config.stage1_ne
-        lr = stage1_lr_schedule(config.stage1_lr, steps_per_epoch, num_epochs)
-        optimizer = adamw(lr, config.stage1_weight_decay, b1=config.adam_beta1,
-                          b2=config.adam_beta2, eps=config.adam_eps,
-                          decay_mask=decay_mask_of(params),
-                          frozen_mask=frozen_mask_of(params, True))
+        lr = stage1_lr_schedule(config.stage1_lr, steps, num_epochs)
+        optimizer = make_optimizer(
+            dataclasses.replace(config, optim_weight_decay=config.stage1_weight_decay), lr,
+            decay_mask=decay_mask_of(params), frozen_mask=frozen_mask_of(params, True))
         loss_fn = make_stage1_loss_fn(student, config)
         eval_fn = make_stage1_eval_fn(student, teacher)
     else:
@@ -712,47 +672,48 @@ def run(config: GenDDConfig, mesh=None) -> str:
         sampler = gd.make_cosine_diffusion(config.num_diffusion_steps, config.num_sampling_steps)
         num_epochs = config.optim_ne
         if config.lr_schedule == "step":
-            lr = step_lr_schedule(config.optim_lr, steps_per_epoch, config.warmup_epochs,
+            lr = step_lr_schedule(config.optim_lr, steps, config.warmup_epochs,
                                   config.lr_decay_epochs, config.lr_decay_rate)
         else:
-            lr = cosine_lr_schedule(config.optim_lr, config.min_lr, steps_per_epoch,
+            lr = cosine_lr_schedule(config.optim_lr, config.min_lr, steps,
                                     config.warmup_epochs, num_epochs)
-        b2 = config.adam_beta2 if config.beta2_min is None else beta2_schedule(
-            config.beta2_min, config.adam_beta2, num_epochs * steps_per_epoch)
-        optimizer = adamw(lr, config.optim_weight_decay, b1=config.adam_beta1, b2=b2,
-                          eps=config.adam_eps, decay_mask=decay_mask_of(params),
-                          frozen_mask=frozen_mask_of(params, config.unsupervised))
+        b2 = None if config.beta2_min is None else beta2_schedule(
+            config.beta2_min, config.adam_beta2, num_epochs * steps)
+        optimizer = make_optimizer(config, lr, b2=b2, decay_mask=decay_mask_of(params),
+                                   frozen_mask=frozen_mask_of(params, config.unsupervised))
         loss_fn = make_stage2_loss_fn(student, teacher, head, diffusion, config)
         eval_fn = make_stage2_eval_fn(student, teacher, head, sampler, config)
 
-    run_dir = prepare_run_dir(config, "gendd")  # after every input check: a bad input leaves nothing
     val = dataset.val
     if config.num_val_examples is not None:
         val = Split(val.images[:config.num_val_examples], val.labels[:config.num_val_examples])
-    trainer = Trainer.for_run(run_dir, config, optimizer=optimizer, lr_schedule=lr,
-                              loss_fn=loss_fn, eval_fn=eval_fn, num_epochs=num_epochs,
-                              mesh=mesh, select_metric="acc")
-    state = trainer.fit(TrainState.create(params, optimizer, model_state), dataset.train, val,
-                        frozen=frozen)
-    if not os.path.exists(os.path.join(run_dir, "model")):
-        # Export the state with the best validation accuracy (the last one when none was kept).
-        best = trainer.checkpoints.restore_best(state)
-        selected, val_metrics, epoch = state, trainer.last_val, num_epochs
-        if best is not None:
-            selected, meta = best
-            val_metrics = {k[4:]: v for k, v in meta.items() if k.startswith("val/")}
-            epoch = meta.get("epoch", epoch)
-        export_gendd(run_dir, config, student, teacher_sidecar, selected.params,
-                     selected.model_state, classifier, head, val_metrics, epoch)
-    trainer.checkpoints.close()
-    print(f"GenDD stage {config.gendd_stage} saved in {run_dir}/model")
-    return run_dir
+
+    def export(state, val_metrics):  # the selected state (best validation accuracy by default)
+        return export_gendd(config, student, teacher_sidecar, state.params, state.model_state,
+                            classifier, head, val_metrics.get("epoch", num_epochs))
+
+    return Run(state=TrainState.create(params, optimizer, model_state), loss_fn=loss_fn,
+               eval_fn=eval_fn, optimizer=optimizer, lr_schedule=lr, frozen=frozen,
+               select_metric=config.select_metric, num_epochs=num_epochs, val=val, export=export)
 
 
-@cli_main
-def main(argv):
-    run(parse_config(GenDDConfig, argv))
+def sweeps(options: dict, settings: dict) -> list:
+    """evaluate.py's sweeps of a GenDD student: quality against the respaced sampling steps and
+    against the guidance scale. `settings` may replace the lists: sampling_steps, cfg_scales."""
+    unknown = set(settings) - {"sampling_steps", "cfg_scales"}
+    if unknown:
+        raise UserError(f"GenDD sweeps take sampling_steps, cfg_scales; got {', '.join(sorted(unknown))}")
+    steps = settings.get("sampling_steps", [5, 10, 25, 50])
+    scales = settings.get("cfg_scales", [1.0, 1.5, 2.0, 3.0])
+    return [Sweep("sampling steps", "sampling steps",
+                  tuple((s, {"num_sampling_steps": s}) for s in steps)),
+            Sweep("guidance", "cfg_scale", tuple((c, {"cfg_scale": c}) for c in scales))]
 
+
+METHOD = register(Method(name="gendd", config_class=GenDDConfig, build=build,
+                         load_predictor=load_predictor, export_kinds=(KIND,),
+                         config_files=("distillation/gendd_*",), sweeps=sweeps))
+main = train_main(METHOD)
 
 if __name__ == "__main__":
     main()

@@ -35,28 +35,27 @@ ResNet arrays and spec plus s_offset and dist_temp). `load_predictor` reads both
 """
 import dataclasses
 import math
-import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from data.augment import configured_pipeline
-from data.datasets import load_dataset
+from data.augment import configured_pipeline, eval_images
 from models import losses
-from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
-from utils.checkpoints import load_export, load_resnet, read_sidecar, save_export, save_resnet
-from utils.config import StudentConfig, parse_config, prepare_run_dir
-from utils.errors import UserError, cli_main
-from utils.optim import sgd_l2, warmup_cosine
-from utils.teachers import load_teachers, sample_teacher_logits
-from utils.trainer import Trainer, TrainState, masked_mean
+from models.resnet import resnet_from_config, resnet_from_spec
+from utils.checkpoints import load_export, load_resnet, read_sidecar, resnet_export
+from utils.config import StudentConfig
+from utils.driver import load_teachers_checked, train_main
+from utils.errors import UserError
+from utils.method import Method, Run, register
+from utils.predict import Predictor, count_params, resnet_predictor
+from utils.optim import make_optimizer, warmup_cosine
+from utils.teachers import sample_teacher_logits
+from utils.trainer import (TrainState, init_variables, masked_mean, prediction_metrics,
+                           steps_per_epoch)
 
 METHODS = ("KD", "ProxyEnDD")
 PROXY_ENDD_KIND = "proxy_endd"
-SELECT_METRICS = {"KD": ("nll", "acc"),
-                  "ProxyEnDD": ("nll", "acc", "ens_nll", "ens_acc", "softmax_nll", "softmax_acc")}
 
 
 @dataclasses.dataclass
@@ -66,9 +65,7 @@ class DistillConfig(StudentConfig):
     teacher_dir: str = "checkpoints_teacher/fmnist"
     num_teachers: int = 30  # teacher members (SWAG samples) per step, balanced over the runs
     num_classes: Optional[int] = None  # taken from the data set; if given, it must match
-    optim: str = "sgd"  # sgd (the reference) | adam (AdamW with optim_weight_decay)
     optim_lr: float = 0.1
-    optim_momentum: float = 0.9
     optim_weight_decay: float = 1e-3
     warmup_factor: float = 0.01
     warmup_steps: int = 0  # optimizer steps, not epochs (as the reference)
@@ -78,18 +75,15 @@ class DistillConfig(StudentConfig):
     eps: float = 1e-8  # ProxyEnDD: added inside every lnΓ and ψ
     endd_broadcast_bug: bool = False  # ProxyEnDD: reproduce the reference's [Q6] broadcast
     num_ensembles: int = 8  # ProxyEnDD: Dirichlet samples for the validation ensemble metrics
-    select_metric: str = "nll"  # validation metric that picks the exported checkpoint
+    select_metric: Optional[str] = "nll"
+
+    UNUSED = ("t_offset",)
 
     def validate(self):
         super().validate()
         if self.baseline_method not in METHODS:
             raise UserError(f"baseline_method must be KD or ProxyEnDD, got {self.baseline_method!r}")
-        if self.optim not in ("sgd", "adam"):
-            raise UserError(f"optim must be sgd or adam, got {self.optim!r}")
         checks = [("num_teachers", self.num_teachers >= 1, ">= 1"),
-                  ("optim_lr", self.optim_lr > 0, "> 0"),
-                  ("optim_momentum", 0 <= self.optim_momentum < 1, "in [0, 1)"),
-                  ("optim_weight_decay", self.optim_weight_decay >= 0, ">= 0"),
                   ("warmup_factor", 0 <= self.warmup_factor <= 1, "in [0, 1]"),
                   ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
                   ("dist_temp", self.dist_temp > 0, "> 0"),
@@ -101,28 +95,6 @@ class DistillConfig(StudentConfig):
                 raise UserError(f"config key {key} must be {rule}, got {getattr(self, key)}")
         if self.num_classes is not None and self.num_classes < 2:
             raise UserError(f"num_classes must be >= 2, got {self.num_classes}")
-        allowed = SELECT_METRICS[self.baseline_method]
-        if self.select_metric not in allowed:
-            raise UserError(f"select_metric for {self.baseline_method} must be one of "
-                            f"{', '.join(allowed)}, got {self.select_metric!r}")
-
-
-def make_optimizer(config, steps_per_epoch: int):
-    """(optimizer, its learning-rate schedule) for optim_ne epochs of steps_per_epoch steps."""
-    schedule = warmup_cosine(config.optim_lr, config.optim_ne * steps_per_epoch,
-                             config.warmup_steps, config.warmup_factor)
-    if config.optim == "sgd":
-        return sgd_l2(schedule, config.optim_momentum, config.optim_weight_decay), schedule
-    if config.optim_weight_decay == 0:
-        return optax.adam(schedule, b1=0.9, b2=0.999, eps=1e-8), schedule
-    return optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8,
-                       weight_decay=config.optim_weight_decay), schedule
-
-
-def prediction_metrics(log_probs, labels, prefix: str = ""):
-    """Per-example accuracy and NLL of log-probabilities [B, K]."""
-    return {f"{prefix}acc": (jnp.argmax(log_probs, -1) == labels).astype(jnp.float32),
-            f"{prefix}nll": -jnp.take_along_axis(log_probs, labels[:, None], 1)[:, 0]}
 
 
 def make_loss_fn(model, teacher_model, config: DistillConfig):
@@ -165,8 +137,8 @@ def proxy_endd_outputs(logits, key, num_samples: int, temperature: float, s_offs
 
 def make_eval_fn(model, config: DistillConfig):
     def eval_fn(state, frozen, batch, key):
-        images = batch["images"].astype(jnp.float32) / 255.0
-        logits = model.apply({"params": state.params, **state.model_state}, images)
+        logits = model.apply({"params": state.params, **state.model_state},
+                             eval_images(batch["images"]))
         labels = batch["labels"]
         if config.baseline_method == "KD":
             return prediction_metrics(jax.nn.log_softmax(logits), labels)
@@ -180,63 +152,33 @@ def make_eval_fn(model, config: DistillConfig):
     return eval_fn
 
 
-def export_student(run_dir, config: DistillConfig, model, state, val_metrics):
-    directory = os.path.join(run_dir, "model")
-    info = {"method": config.baseline_method, "data_name": config.data_name, "seed": config.seed,
-            "trained_by": "kd_and_endd.py", "teacher_dir": config.teacher_dir,
-            "num_teachers": config.num_teachers, "select_metric": config.select_metric,
-            "val": val_metrics}
-    params, model_state = jax.device_get(state.params), jax.device_get(state.model_state)
-    if config.baseline_method == "KD":
-        save_resnet(directory, model, params, model_state, **info)
-    else:
-        sidecar = {"kind": PROXY_ENDD_KIND, "model": resnet_spec(model),
-                   "num_classes": model.num_classes, "s_offset": config.s_offset,
-                   "dist_temp": config.dist_temp, **info}
-        save_export(directory, {"params": params, "model_state": model_state}, sidecar)
-    return directory
+def export_student(model, config: DistillConfig, state):
+    """(arrays, sidecar): KD as a "resnet" (EDFM's backbone, load_resnet), ProxyEnDD as a
+    "proxy_endd" (the same arrays plus s_offset and dist_temp)."""
+    arrays, sidecar = resnet_export(model, jax.device_get(state.params),
+                                    jax.device_get(state.model_state))
+    sidecar.update({"method": config.baseline_method, "teacher_dir": config.teacher_dir,
+                    "num_teachers": config.num_teachers, "select_metric": config.select_metric})
+    if config.baseline_method == "ProxyEnDD":
+        sidecar.update({"kind": PROXY_ENDD_KIND, "s_offset": config.s_offset,
+                        "dist_temp": config.dist_temp})
+    return arrays, sidecar
 
 
-def load_data_and_teachers(config):
-    dataset = load_dataset(config.data_name, config.data_root, download=config.download,
-                           num_train_examples=config.num_train_examples)
-    if config.num_classes is not None and config.num_classes != dataset.num_classes:
-        raise UserError(f"num_classes is {config.num_classes} but {dataset.name} has "
-                        f"{dataset.num_classes} classes")
-    teachers = load_teachers(config.teacher_dir, dataset.name, dtype=jnp.dtype(config.dtype))
-    if teachers.num_classes != dataset.num_classes:
-        raise UserError(f"the teachers in {config.teacher_dir} predict {teachers.num_classes} "
-                        f"classes, {dataset.name} has {dataset.num_classes}")
-    if config.num_teachers % teachers.num_runs:
-        print(f"note: {config.num_teachers} teacher members over {teachers.num_runs} runs: "
-              f"some runs get one member more each step (drawn at random per step)")
-    return dataset, teachers
-
-
-@cli_main
-def main(argv):
-    config = parse_config(DistillConfig, argv)
-    dataset, teachers = load_data_and_teachers(config)
-    run_dir = prepare_run_dir(config, "kd_and_endd")
+def build(config: DistillConfig, dataset) -> Run:
+    teachers = load_teachers_checked(config, dataset)
     model = resnet_from_config(config, dataset.num_classes, dataset.pixel_mean, dataset.pixel_std,
                                dtype=jnp.dtype(config.dtype))
-    variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed), dataset.train.images[:1] / 255.0)
-    params, model_state = variables.pop("params"), dict(variables)
-    steps_per_epoch = -(-len(dataset.train.images) // config.optim_bs)
-    optimizer, schedule = make_optimizer(config, steps_per_epoch)
-    trainer = Trainer.for_run(run_dir, config, optimizer=optimizer, lr_schedule=schedule,
-                              loss_fn=make_loss_fn(model, teachers.model, config),
-                              eval_fn=make_eval_fn(model, config),
-                              select_metric=config.select_metric)
-    state = trainer.fit(TrainState.create(params, optimizer, model_state), dataset.train,
-                        dataset.val, frozen={"teachers": teachers.moments})
-    if not os.path.exists(os.path.join(run_dir, "model")):
-        best, val = trainer.selected(state)
-        export_student(run_dir, config, model, best, val)
-        print(f"best validation {config.select_metric} = {val.get(config.select_metric)} "
-              f"(epoch {val.get('epoch')})")
-    trainer.checkpoints.close()
-    print(f"{config.baseline_method} student saved in {run_dir}/model")
+    params, model_state = init_variables(model, jax.random.PRNGKey(config.seed), dataset.train.images)
+    steps = steps_per_epoch(len(dataset.train), config.optim_bs)
+    schedule = warmup_cosine(config.optim_lr, config.optim_ne * steps, config.warmup_steps,
+                             config.warmup_factor)
+    optimizer = make_optimizer(config, schedule)
+    return Run(state=TrainState.create(params, optimizer, model_state),
+               loss_fn=make_loss_fn(model, teachers.model, config),
+               eval_fn=make_eval_fn(model, config), optimizer=optimizer, lr_schedule=schedule,
+               frozen={"teachers": teachers.moments}, select_metric=config.select_metric,
+               export=lambda state, val: export_student(model, config, state))
 
 
 # ---------------------------------------------------------------------------- prediction
@@ -248,19 +190,11 @@ def load_predictor(model_dir, num_members: int = 8, seed: int = 0, dirichlet_mea
     samples p ~ Dir(α) per input as member logits log p (default 8; the key comes from
     utils.predict), or M = 1, log(α/α₀), with dirichlet_mean=True. `seed` is unused (the
     sampling key is the one utils.predict.predict passes)."""
-    from utils.predict import Predictor, count_params
-
     del seed
     kind = read_sidecar(model_dir).get("kind")
     if kind == "resnet":
         model, variables, sidecar = load_resnet(model_dir)
-
-        def member_logits(args, images, key):
-            return model.apply(args, images)[:, None, :]
-
-        return Predictor(name=sidecar.get("method", "ResNet"), kind=kind, member_logits=member_logits,
-                         args=variables, num_members=1, num_params=count_params(variables["params"]),
-                         sidecar=sidecar)
+        return resnet_predictor(model, variables, sidecar, sidecar.get("method", "ResNet"))
     if kind != PROXY_ENDD_KIND:
         raise UserError(f"{model_dir} holds a {kind!r}; kd_and_endd.py predicts with 'resnet' or "
                         f"'{PROXY_ENDD_KIND}' exports")
@@ -282,6 +216,11 @@ def load_predictor(model_dir, num_members: int = 8, seed: int = 0, dirichlet_mea
                      kind=kind, member_logits=member_logits, args=variables, num_members=members,
                      num_params=count_params(variables["params"]), sidecar=sidecar)
 
+
+METHOD = register(Method(name="kd_and_endd", config_class=DistillConfig, build=build,
+                         load_predictor=load_predictor, export_kinds=("resnet", PROXY_ENDD_KIND),
+                         config_files=("distillation/kd_*", "distillation/endd_*")))
+main = train_main(METHOD)
 
 if __name__ == "__main__":
     main()

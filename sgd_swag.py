@@ -18,23 +18,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from data.datasets import load_dataset
+from data.augment import eval_images
 from models.resnet import resnet_from_config, resnet_spec
 from models.swag import find_swag_state, swag, swag_std
-from utils.checkpoints import save_export
-from utils.config import CommonConfig, parse_config, prepare_run_dir
-from utils.errors import UserError, cli_main
+from utils.checkpoints import resnet_export
+from utils.config import CommonConfig
+from utils.driver import train_main
+from utils.errors import UserError
+from utils.method import Method, Run, register
+from utils.optim import make_optimizer
 from utils.teachers import TEACHER_KIND, ensemble_logits, members_from_runs, teacher_predictor
-from utils.trainer import Trainer, TrainState, masked_mean
+from utils.trainer import (TrainState, init_variables, masked_mean, prediction_metrics,
+                           steps_per_epoch)
 
 
 @dataclasses.dataclass
 class SwagConfig(CommonConfig):
     seed: int = 2023
-    optim: str = "sgd"
-    optim_lr: float = 0.1
-    optim_momentum: float = 0.9
-    optim_weight_decay: float = 5e-4
     start_decay_epoch: int = 10  # end of the linear warm-up
     start_swa_epoch: int = 800  # end of the cosine, start of SWAG collection
     optim_swa_lr: float = 0.01
@@ -42,6 +42,7 @@ class SwagConfig(CommonConfig):
     freq: int = 1  # collect every freq-th update
     rank: int = 1  # < 2: diagonal SWAG (as the reference's rank 1); >= 2 also keeps deviations
     num_swag_samples: int = 3  # members of the in-script validation ensemble
+    # select_metric null: the teacher is the run's last state (its SWAG moments)
 
     def validate(self):
         super().validate()
@@ -55,6 +56,8 @@ class SwagConfig(CommonConfig):
                             "with swag: true, or swag: false for a BatchNorm network")
         if self.freq < 1 or self.num_swag_samples < 1:
             raise UserError("freq and num_swag_samples must be >= 1")
+        if self.optim_swa_lr <= 0:
+            raise UserError(f"config key optim_swa_lr must be > 0, got {self.optim_swa_lr}")
 
 
 def learning_rate_schedule(config: SwagConfig, steps_per_epoch: int):
@@ -68,32 +71,25 @@ def learning_rate_schedule(config: SwagConfig, steps_per_epoch: int):
         boundaries=[warmup_steps, warmup_steps + cosine_steps])
 
 
-def make_optimizer(config: SwagConfig, schedule, steps_per_epoch: int):
-    # Weight decay is L2 added to the gradient of every parameter, before momentum (reference).
-    parts = [optax.add_decayed_weights(config.optim_weight_decay),
-             optax.sgd(schedule, momentum=config.optim_momentum)]
-    if config.swag:
-        parts.append(swag(config.start_swa_epoch * steps_per_epoch, config.freq,
-                          rank=config.rank if config.rank >= 2 else 0))
-    return optax.chain(*parts)
+def swag_optimizer(config: SwagConfig, schedule, steps_per_epoch: int):
+    """SGD (L2 on the gradient, momentum: utils.optim) followed by SWAG's moment collection."""
+    sgd = make_optimizer(config, schedule)
+    if not config.swag:
+        return sgd
+    return optax.chain(sgd, swag(config.start_swa_epoch * steps_per_epoch, config.freq,
+                                 rank=config.rank if config.rank >= 2 else 0))
 
 
 def make_loss_fn(model):
     def loss_fn(params, model_state, frozen, batch, key):
-        images = batch["images"].astype(jnp.float32) / 255.0  # teachers train without augmentation
+        images = eval_images(batch["images"])  # teachers train without augmentation
         logits, updates = model.apply({"params": params, **model_state}, images, train=True,
                                       mutable=list(model_state))
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["labels"][:, None], 1)[:, 0]
-        acc = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32)
-        metrics = {"nll": masked_mean(nll, batch["mask"]), "acc": masked_mean(acc, batch["mask"])}
+        per_example = prediction_metrics(jax.nn.log_softmax(logits), batch["labels"])
+        metrics = {name: masked_mean(value, batch["mask"]) for name, value in per_example.items()}
         return metrics["nll"], (dict(updates), metrics)
 
     return loss_fn
-
-
-def prediction_metrics(log_probs, labels):
-    return {"acc": (jnp.argmax(log_probs, -1) == labels).astype(jnp.float32),
-            "nll": -jnp.take_along_axis(log_probs, labels[:, None], 1)[:, 0]}
 
 
 def make_eval_fn(model, config: SwagConfig):
@@ -106,8 +102,10 @@ def make_eval_fn(model, config: SwagConfig):
 
     def swag_ensemble(state, images, key):
         swag_state = find_swag_state(state.opt_state)
-        moments = jax.tree.map(lambda x: x[None], {
-            "mean": swag_state.mean, "std": swag_std(swag_state.mean, swag_state.params2)})
+        moments = {"mean": swag_state.mean, "std": swag_std(swag_state.mean, swag_state.params2)}
+        if config.rank >= 2:  # sampled as the exported teacher is: diagonal plus low rank
+            moments["deviations"] = swag_state.deviations
+        moments = jax.tree.map(lambda x: x[None], moments)
         members = members_from_runs(key, moments, jnp.zeros(config.num_swag_samples, jnp.int32))
         member_log_probs = jax.nn.log_softmax(ensemble_logits(model, members, images))
         ensemble = jax.nn.logsumexp(member_log_probs, 0) - jnp.log(config.num_swag_samples)
@@ -115,33 +113,45 @@ def make_eval_fn(model, config: SwagConfig):
         return ensemble, swa
 
     def eval_fn(state, frozen, batch, key):
-        images = batch["images"].astype(jnp.float32) / 255.0
+        images = eval_images(batch["images"])
         if config.swag:
             # lax.cond runs one branch: no ensemble forwards before SWAG has any snapshot.
             started = find_swag_state(state.opt_state).num_snapshots > 0
             ensemble, swa = jax.lax.cond(started, swag_ensemble, live, state, images, key)
         else:
             ensemble, swa = live(state, images, key)
-        metrics = prediction_metrics(ensemble, batch["labels"])
-        metrics.update({f"swa_{k}": v for k, v in prediction_metrics(swa, batch["labels"]).items()})
-        return metrics
+        return {**prediction_metrics(ensemble, batch["labels"]),
+                **prediction_metrics(swa, batch["labels"], "swa_")}
 
     return eval_fn
 
 
-def export_teacher(run_dir, config, model, state, val_metrics):
-    sidecar = {"kind": TEACHER_KIND if config.swag else "resnet", "model": resnet_spec(model),
-               "data_name": config.data_name, "num_classes": model.num_classes, "seed": config.seed,
-               "trained_by": "sgd_swag.py", "val": val_metrics}
-    if config.swag:
-        swag_state = find_swag_state(state.opt_state)
-        sidecar["num_snapshots"] = int(swag_state.num_snapshots)
-        arrays = {"mean": swag_state.mean, "params2": swag_state.params2}
-        if config.rank >= 2:
-            arrays["deviations"] = swag_state.deviations
-    else:
-        arrays = {"params": state.params, "model_state": state.model_state}
-    save_export(os.path.join(run_dir, "model"), arrays, sidecar)
+def export_teacher(model, config: SwagConfig, state):
+    """(arrays, sidecar): the SWAG moments (kind swag_teacher; utils/teachers.py loads them), or
+    with swag: false the network itself (kind resnet)."""
+    if not config.swag:
+        return resnet_export(model, state.params, state.model_state)
+    swag_state = find_swag_state(state.opt_state)
+    arrays = {"mean": swag_state.mean, "params2": swag_state.params2}
+    if config.rank >= 2:
+        arrays["deviations"] = swag_state.deviations
+    return arrays, {"kind": TEACHER_KIND, "model": resnet_spec(model),
+                    "num_classes": model.num_classes, "num_snapshots": int(swag_state.num_snapshots)}
+
+
+def build(config: SwagConfig, dataset) -> Run:
+    model = resnet_from_config(config, dataset.num_classes, dataset.pixel_mean, dataset.pixel_std,
+                               dtype=jnp.dtype(config.dtype))
+    params, model_state = init_variables(model, jax.random.PRNGKey(config.seed), dataset.train.images)
+    steps = steps_per_epoch(len(dataset.train), config.optim_bs)
+    schedule = learning_rate_schedule(config, steps)
+    optimizer = swag_optimizer(config, schedule, steps)
+    # Test-set numbers come from evaluate.py (or --test_table true); the sidecar records the
+    # selected (by default the last) state's validation scores.
+    return Run(state=TrainState.create(params, optimizer, model_state),
+               loss_fn=make_loss_fn(model), eval_fn=make_eval_fn(model, config),
+               optimizer=optimizer, lr_schedule=schedule, select_metric=config.select_metric,
+               export=lambda state, val: export_teacher(model, config, state))
 
 
 def load_predictor(model_dir, samples_per_run: int = 3, seed: int = 0):
@@ -149,29 +159,10 @@ def load_predictor(model_dir, samples_per_run: int = 3, seed: int = 0):
     return teacher_predictor(os.path.dirname(os.path.abspath(model_dir)), samples_per_run, seed)
 
 
-@cli_main
-def main(argv):
-    config = parse_config(SwagConfig, argv)
-    dataset = load_dataset(config.data_name, config.data_root, download=config.download,
-                           num_train_examples=config.num_train_examples)
-    run_dir = prepare_run_dir(config, "sgd_swag")
-    model = resnet_from_config(config, dataset.num_classes, dataset.pixel_mean, dataset.pixel_std,
-                               dtype=jnp.dtype(config.dtype))
-    variables = jax.jit(model.init)(jax.random.PRNGKey(config.seed), dataset.train.images[:1] / 255.0)
-    params, model_state = variables.pop("params"), dict(variables)
-    trainer_steps = -(-len(dataset.train.images) // config.optim_bs)
-    schedule = learning_rate_schedule(config, trainer_steps)
-    optimizer = make_optimizer(config, schedule, trainer_steps)
-    trainer = Trainer.for_run(run_dir, config, optimizer=optimizer, lr_schedule=schedule,
-                              loss_fn=make_loss_fn(model), eval_fn=make_eval_fn(model, config),
-                              select_metric=None)  # the teacher is its last state (SWAG)
-    state = trainer.fit(TrainState.create(params, optimizer, model_state), dataset.train, dataset.val)
-    # Test-set numbers come from evaluate.py; the sidecar records the final validation scores.
-    if not os.path.exists(os.path.join(run_dir, "model")):
-        export_teacher(run_dir, config, model, state, trainer.last_val)
-    trainer.checkpoints.close()
-    print(f"teacher run saved in {run_dir}/model")
-
+METHOD = register(Method(name="sgd_swag", config_class=SwagConfig, build=build,
+                         load_predictor=load_predictor, export_kinds=(TEACHER_KIND,),
+                         config_files=("teacher/*",)))
+main = train_main(METHOD)
 
 if __name__ == "__main__":
     main()

@@ -103,9 +103,16 @@ def sample_low_rank(key, state: SwagState, scale: float = 1.0):
     diag_noise = _normal_like(diag_key, state.mean)
     # One ξ₂ ∈ R^R shared by every leaf: the low-rank factor spans all parameters jointly.
     low_rank_noise = jax.random.normal(low_rank_key, (rank,))
+    return jax.tree.map(lambda m, s, d, z: low_rank_leaf(m, s, d, z, low_rank_noise, scale),
+                        state.mean, std, state.deviations, diag_noise)
 
-    def leaf(m, s, d, z):
-        low_rank = jnp.tensordot(low_rank_noise, d, axes=1) / jnp.sqrt(2.0 * (rank - 1))
-        return m + scale * (s * z / jnp.sqrt(2.0) + low_rank)
 
-    return jax.tree.map(leaf, state.mean, std, state.deviations, diag_noise)
+def low_rank_leaf(mean, std, deviations, diag_noise, low_rank_noise, scale: float = 1.0):
+    """One leaf of a low-rank SWAG sample, mean + scale·(std⊙ξ₁/√2 + Dᵀξ₂/√(2(R−1))).
+
+    deviations [R, *shape], diag_noise ξ₁ like mean, low_rank_noise ξ₂ [R]: the caller passes
+    the same ξ₂ to every leaf of one sample.
+    """
+    rank = deviations.shape[0]
+    low_rank = jnp.tensordot(low_rank_noise, deviations, axes=1) / jnp.sqrt(2.0 * (rank - 1))
+    return mean + scale * (std * diag_noise / jnp.sqrt(2.0) + low_rank)

@@ -1,33 +1,32 @@
-"""Every shipped YAML parses into its script's config (keys exist, types match, ranges hold)."""
+"""Every shipped YAML parses through the method registry (keys exist, types match, ranges hold)."""
 import glob
 import os
 
 import pytest
 
-from edfm import EdfmConfig
-from fed import FedConfig
-from gendd import GenDDConfig
-from kd_and_endd import DistillConfig
-from sgd_swag import SwagConfig
 from utils.config import parse_config
+from utils.errors import UserError
+from utils.method import config_reader, methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT_CONFIGS = {"teacher/": SwagConfig, "distillation/kd_": DistillConfig,
-                  "distillation/endd_": DistillConfig, "distillation/fed_": FedConfig,
-                  "distillation/edfm_": EdfmConfig, "distillation/gendd_": GenDDConfig}
-FILES = sorted(glob.glob(os.path.join(ROOT, "config", "teacher", "*.yaml")) +
-               glob.glob(os.path.join(ROOT, "config", "distillation", "*.yaml")))
+FILES = sorted(glob.glob(os.path.join(ROOT, "config", "**", "*.yaml"), recursive=True))
 
 
-def config_class(path):
-    relative = os.path.relpath(path, os.path.join(ROOT, "config"))
-    return next(cls for prefix, cls in SCRIPT_CONFIGS.items() if relative.startswith(prefix))
-
-
-@pytest.mark.parametrize("path", FILES, ids=[os.path.basename(f) for f in FILES])
+@pytest.mark.parametrize("path", FILES, ids=[os.path.relpath(f, ROOT) for f in FILES])
 def test_shipped_config_parses(path):
-    config = parse_config(config_class(path), ["--config", path])
+    config = config_reader(path).parse(["--config", path])
     assert config.data_name in ("FashionMNIST_x28", "CIFAR10_x32", "CIFAR100_x32")
+    with open(path) as f:
+        assert f.readline().startswith("#"), "a config starts with its command and expectations"
+
+
+def test_every_config_belongs_to_one_reader():
+    """No YAML is read by two methods, and each method's globs match at least one YAML."""
+    for method in methods().values():
+        for pattern in method.config_files:
+            assert glob.glob(os.path.join(ROOT, "config", pattern)), (method.name, pattern)
+    with pytest.raises(UserError, match="no method reads"):
+        config_reader(os.path.join(ROOT, "config", "nowhere", "x.yaml"))
 
 
 def test_every_method_has_its_three_data_sets():
@@ -39,11 +38,13 @@ def test_every_method_has_its_three_data_sets():
         assert f"{data}_frnrelu_sgd_swag.yaml" in names
 
 
-@pytest.mark.parametrize("cls", [DistillConfig, FedConfig, EdfmConfig])
-def test_student_augmentation_keys(cls):
-    """The spec's CIFAR pipeline by default; each step can be switched, and bad values refused."""
-    from utils.errors import UserError
+STUDENT_METHODS = ["kd_and_endd", "fed", "edfm"]
 
+
+@pytest.mark.parametrize("name", STUDENT_METHODS)
+def test_student_augmentation_keys(name):
+    """The spec's CIFAR pipeline by default; each step can be switched, and bad values refused."""
+    cls = methods()[name].config_class
     default = parse_config(cls, [])
     assert (default.randaugment, default.crop_padding, default.flip) == (True, 4, True)
     fmnist = parse_config(cls, ["--crop_padding", "1", "--flip", "false", "--randaugment", "false"])
@@ -52,3 +53,24 @@ def test_student_augmentation_keys(cls):
         parse_config(cls, ["--crop_padding", "-1"])
     with pytest.raises(UserError, match="mixup_alpha"):
         parse_config(cls, ["--mixup_alpha", "-0.1"])
+
+
+@pytest.mark.parametrize("name", sorted(["sgd_swag", "kd_and_endd", "fed", "edfm", "gendd"]))
+def test_shared_optimizer_and_range_checks(name):
+    """One optimizer key set and one set of range checks in every script: a negative learning
+    rate, a momentum of 1 or an unknown optimizer is refused by each."""
+    cls = methods()[name].config_class
+    for bad in (["--optim_lr", "-0.1"], ["--optim_momentum", "1"], ["--optim", "rmsprop"],
+                ["--adam_beta2", "1.0"], ["--optim_weight_decay", "-1"], ["--eval_every", "0"]):
+        with pytest.raises(UserError):
+            parse_config(cls, bad)
+
+
+def test_reference_aliases():
+    """EDFM's reference keys optim_base and eval_batch_size name the shared optim and eval_bs;
+    saying both with different values is refused."""
+    cls = methods()["edfm"].config_class
+    config = parse_config(cls, ["--optim_base", "adam", "--eval_batch_size", "64"])
+    assert (config.optim, config.eval_bs) == ("adam", 64)
+    with pytest.raises(UserError, match="disagree"):
+        parse_config(cls, ["--optim_base", "adam", "--optim", "sgd"])

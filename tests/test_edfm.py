@@ -18,6 +18,8 @@ from models.resnet import ResNet
 from utils import predict as predict_lib
 from utils.checkpoints import load_export, read_sidecar, save_resnet
 from utils.errors import UserError
+from utils import trainer as trainer_lib
+from utils.config import parse_config
 from utils.trainer import make_mesh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -102,19 +104,19 @@ def test_loss_trains_the_head_only():
 
 
 def test_config_checks():
-    with pytest.raises(UserError, match="optim_base"):
-        edfm.parse_config(edfm.EdfmConfig, ["--optim_base", "rmsprop"])
+    with pytest.raises(UserError, match="optim must be sgd or adam"):  # optim_base: its alias
+        parse_config(edfm.EdfmConfig, ["--optim_base", "rmsprop"])
     with pytest.raises(UserError, match="sample_solver"):
-        edfm.parse_config(edfm.EdfmConfig, ["--sample_solver", "rk4"])
+        parse_config(edfm.EdfmConfig, ["--sample_solver", "rk4"])
     with pytest.raises(UserError, match="did you mean"):
-        edfm.parse_config(edfm.EdfmConfig, ["--noise_std", "4"])
+        parse_config(edfm.EdfmConfig, ["--noise_std", "4"])
     expected = {"c10": ("CIFAR10_x32", 256, 10, 1e-4, "sgd"), "c100": ("CIFAR100_x32", 512, 100, 3e-4, "sgd"),
                 "fmnist": ("FashionMNIST_x28", 256, 10, 1e-3, "adam")}
     for name, values in expected.items():
-        config = edfm.parse_config(edfm.EdfmConfig, ["--config", os.path.join(
+        config = parse_config(edfm.EdfmConfig, ["--config", os.path.join(
             CONFIGS, "distillation", f"edfm_{name}_frnrelu.yaml")])
         assert (config.data_name, config.hidden_size, config.num_classes, config.optim_lr,
-                config.optim_base) == values
+                config.optim) == values
         assert (config.noise_var, config.sample_num_steps, config.num_ensembles, config.sample_solver,
                 config.train_time_exp_base, config.sample_time_exp_base) == (4.0, 7, 32, "heun_exp", 3.0, 0.5)
 
@@ -139,7 +141,7 @@ def edfm_run(tmp_path_factory, writers):
             meshes.append(make_mesh(jax.devices()[:2]))
             return meshes[-1]
 
-        mp.setattr(edfm, "make_mesh", two_devices)
+        mp.setattr(trainer_lib, "make_mesh", two_devices)  # the mesh every Trainer builds
         data = ["--data_root", str(root / "data")]
         sgd_swag.main(data + ["--config", os.path.join(CONFIGS, "teacher", "fmnist_frnrelu_sgd_swag.yaml"),
                               "--model_depth", "8", "--model_width", "1", "--optim_ne", "1", "--optim_bs", "32",

@@ -2,8 +2,6 @@
 import json
 import os
 import re
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 
 import evaluate
+from utils import method as method_lib
 from utils import cost, metrics, plots
 from utils.errors import UserError
 
@@ -112,21 +111,26 @@ def test_plots_write_pngs(tmp_path):
 # ------------------------------------------------------------------------------------- config
 def test_parse_students_and_config(tmp_path):
     assert evaluate.parse_students("KD=runs/kd,EDFM=runs/edfm") == [
-        {"name": "KD", "path": "runs/kd", "options": {}}, {"name": "EDFM", "path": "runs/edfm", "options": {}}]
+        {"name": "KD", "paths": ["runs/kd"], "options": {}, "sweeps": {}},
+        {"name": "EDFM", "paths": ["runs/edfm"], "options": {}, "sweeps": {}}]
+    pooled = evaluate.parse_students("[{name: KD x3, ensemble: [a, b, c], sweeps: false}]")
+    assert pooled == [{"name": "KD x3", "paths": ["a", "b", "c"], "options": {}, "sweeps": False}]
     assert evaluate.parse_students("[{name: E, path: p, options: {num_members: 4}}]")[0]["options"] == {
         "num_members": 4}
-    for bad in ("KD", "KD=a,KD=b", "Teacher=x", "[{name: A}]", "[{name: A, path: p, extra: 1}]"):
+    for bad in ("KD", "KD=a,KD=b", "Teacher=x", "[{name: A}]", "[{name: A, path: p, extra: 1}]",
+                "[{name: A, path: p, ensemble: [q]}]", "[{name: A, ensemble: []}]",
+                "[{name: A, path: p, sweeps: 3}]"):
         with pytest.raises(UserError):
             evaluate.parse_students(bad)
     # an evaluate YAML is strict; another script's YAML lends only its data and teacher keys
     own = tmp_path / "eval.yaml"
     own.write_text("data_name: CIFAR10_x32\nstudents: [{name: KD, path: a}]\neval_bs: 64\n")
     config = evaluate.parse_evaluate_config(["--config", str(own), "--eval_bs", "32"])
-    assert (config.data_name, config.eval_bs, config.students[0]["path"]) == ("CIFAR10_x32", 32, "a")
+    assert (config.data_name, config.eval_bs, config.students[0]["paths"]) == ("CIFAR10_x32", 32, ["a"])
     config = evaluate.parse_evaluate_config(["--config", str(own), "--students", "B=b"])
-    assert config.students == [{"name": "B", "path": "b", "options": {}}]
-    own.write_text("eval_bs: 64\nedfm_member_sweep: [1]\n")
-    with pytest.raises(UserError, match="did you mean edfm_members_sweep"):
+    assert config.students == [{"name": "B", "paths": ["b"], "options": {}, "sweeps": {}}]
+    own.write_text("w2: true\nlatency_repeat: 1\n")
+    with pytest.raises(UserError, match="did you mean latency_repeats"):
         evaluate.parse_evaluate_config(["--config", str(own)])
     foreign = tmp_path / "train.yaml"
     foreign.write_text("data_name: CIFAR100_x32\ndata_root: /d\noptim_lr: 0.1\nstart_swa_epoch: 3\n"
@@ -136,19 +140,20 @@ def test_parse_students_and_config(tmp_path):
         "CIFAR100_x32", "/d", "t", evaluate.EvaluateConfig.seed)
     with pytest.raises(UserError):
         evaluate.parse_evaluate_config(["--resume", str(tmp_path)])
-    with pytest.raises(UserError, match="edfm_solvers"):
-        evaluate.parse_evaluate_config(["--edfm_solvers", "[rk4]"])
 
 
 # ------------------------------------------------------------------------------------- end to end
-def _fake_edfm_module():
-    """A stand-in for edfm.load_predictor: a linear classifier whose M members are its logits
-    plus noise that shrinks with the number of steps (euler noisier than heun_exp)."""
+def _fake_flow_method():
+    """A registered stand-in method: a linear classifier whose M members are its logits plus
+    noise that shrinks with the number of steps (euler noisier than heun_exp), with EDFM's
+    sweep hook (members; steps of heun_exp and euler)."""
+    from edfm import sweeps
     from utils.checkpoints import read_sidecar
+    from utils.method import Method
     from utils.predict import Predictor
 
     def load_predictor(model_dir, num_members=4, num_steps=3, solver="heun_exp", seed=0):
-        sidecar = read_sidecar(model_dir, kind="edfm")
+        sidecar = read_sidecar(model_dir, kind="fake_flow")
         w = np.load(os.path.join(model_dir, "w.npy"))
         scale = (2.0 if solver == "euler" else 1.0) / num_steps
 
@@ -157,18 +162,16 @@ def _fake_edfm_module():
             noise = jax.random.normal(key, (images.shape[0], num_members, logits.shape[-1]))
             return logits[:, None, :] + scale * noise
 
-        return Predictor(name=f"EDFM ({num_members})", kind="edfm", member_logits=member_logits,
+        return Predictor(name=f"Flow ({num_members})", kind="fake_flow", member_logits=member_logits,
                          args={"w": w}, num_members=num_members, num_params=w.size, sidecar=sidecar)
 
-    module = types.ModuleType("fake_edfm_for_tests")
-    module.load_predictor = load_predictor
-    return module
+    return Method(name="fake_flow", config_class=object, build=None, load_predictor=load_predictor,
+                  export_kinds=("fake_flow",), sweeps=sweeps)
 
 
 def test_evaluate_end_to_end(tmp_path, fake_fmnist_root, monkeypatch):
     import sgd_swag
     from models.resnet import ResNet
-    from utils import predict
     from utils.checkpoints import save_resnet
 
     root = fake_fmnist_root  # train/val/test 256/64/64
@@ -182,13 +185,16 @@ def test_evaluate_end_to_end(tmp_path, fake_fmnist_root, monkeypatch):
     variables = kd.init(jax.random.PRNGKey(3), jnp.zeros((1, 28, 28, 1)))
     save_resnet(str(tmp_path / "kd" / "model"), kd, variables["params"], {}, data_name="FashionMNIST_x28",
                 method="KD")
-    # A fake EDFM export, predicted by a fake edfm module through the real dispatch.
+    variables2 = kd.init(jax.random.PRNGKey(4), jnp.zeros((1, 28, 28, 1)))
+    save_resnet(str(tmp_path / "kd2" / "model"), kd, variables2["params"], {},
+                data_name="FashionMNIST_x28", method="KD")
+    # A fake flow export, predicted by a fake registered method through the real dispatch.
     edfm_dir = tmp_path / "edfm" / "model"
     edfm_dir.mkdir(parents=True)
-    (edfm_dir / "sidecar.json").write_text(json.dumps({"kind": "edfm", "data_name": "FashionMNIST_x28"}))
+    (edfm_dir / "sidecar.json").write_text(json.dumps({"kind": "fake_flow", "data_name": "FashionMNIST_x28"}))
     np.save(edfm_dir / "w.npy", np.random.default_rng(0).normal(size=(784, 10)).astype(np.float32) * 0.05)
-    monkeypatch.setitem(sys.modules, "fake_edfm_for_tests", _fake_edfm_module())
-    monkeypatch.setitem(predict.PREDICTOR_SCRIPTS, "edfm", "fake_edfm_for_tests")
+    method_lib.methods()  # discover the real ones first
+    monkeypatch.setitem(method_lib._METHODS, "fake_flow", _fake_flow_method())
 
     save = tmp_path / "eval"
     config_file = tmp_path / "eval.yaml"
@@ -201,12 +207,12 @@ teacher_samples_per_run: 2
 students:
   - {{name: KD, path: {tmp_path / 'kd'}}}
   - {{name: Self, path: {teachers / 'seed1'}, options: {{samples_per_run: 2, seed: 0}}}}
-  - {{name: EDFM, path: {tmp_path / 'edfm'}, options: {{num_members: 3}}}}
+  - {{name: EDFM, path: {tmp_path / 'edfm'}, options: {{num_members: 3}},
+     sweeps: {{members: [1, 3], steps: [2]}}}}
+  - {{name: KD x2, ensemble: [{tmp_path / 'kd'}, {tmp_path / 'kd2'}]}}
 seed: 0
 eval_bs: 64
 num_test_examples: 48
-edfm_members_sweep: [1, 3]
-edfm_steps_sweep: [2]
 latency_bs: 16
 latency_repeats: 2
 latency_warmup: 1
@@ -225,18 +231,22 @@ latency_warmup: 1
     assert any(h.startswith("Latency/batch") for h in header)
     rows = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")]
             for r in main_table[2:]}
-    assert list(rows) == [teacher_name, "KD", "Self", "EDFM"]
+    assert list(rows) == [teacher_name, "KD", "Self", "EDFM", "KD x2"]
+    one_member = {"AMB", "Brier var", "MI", "Disagreement", "OOD AUROC MI (%)"}  # no spread
     for name, cells in rows.items():
         assert len(cells) == len(header)
         blank = {header[i] for i, c in enumerate(cells) if c == "—"}
-        assert blank == ({"KL to teacher", "Agreement (%)", "W2"} if name == teacher_name else set()), name
+        expected = ({"KL to teacher", "Agreement (%)", "W2"} if name == teacher_name
+                    else one_member if name == "KD" else set())
+        assert blank == expected, name
     # one table per shift set (12 Fashion-MNIST corruptions), the OOD set, the sweeps
     for corruption in ("rotation", "gaussian_noise", "blur", "contrast"):
         for severity in (1, 2, 3):
             assert f"### {corruption}_s{severity}\n" in text
     assert "digits AUROC entropy (%)" in text and "### EDFM: members" in text
     assert "### EDFM: heun_exp steps" in text and "### EDFM: euler steps" in text
-    for png in ("reliability.png", "diversity_vs_accuracy.png", "edfm_members.png", "edfm_nfe.png"):
+    for png in ("reliability.png", "diversity_vs_accuracy.png", "edfm_members.png",
+                "edfm_heun_exp_steps.png", "edfm_euler_steps.png"):
         assert _is_png(save / png), png
         assert f"]({png})" in text
 
@@ -256,7 +266,15 @@ latency_warmup: 1
                                                                           test.labels[:48]))
     assert methods["KD"]["test"]["nll"] == pytest.approx(
         metrics.nll(metrics.softmax(kd_logits[:, 0]), test.labels[:48]), rel=1e-4)
-    assert methods["KD"]["num_members"] == 1 and methods["KD"]["test"]["mi"] == 0.0
+    assert methods["KD"]["num_members"] == 1 and methods["KD"]["test"]["mi"] is None
+    assert methods["KD"]["ood"]["digits"]["auroc_mi"] is None
+    # the pooled ensemble of two KD exports: 2 members, the mean of their softmaxes
+    kd2_logits = np.asarray(kd.apply(variables2, test.images[:48] / 255.0))[:, None, :]
+    pooled = metrics.ensemble_probs(np.concatenate([kd_logits, kd2_logits], axis=1))
+    assert methods["KD x2"]["num_members"] == 2 and methods["KD x2"]["test"]["mi"] > 0
+    assert methods["KD x2"]["test"]["nll"] == pytest.approx(metrics.nll(pooled, test.labels[:48]),
+                                                            rel=1e-4)
+    assert "KD x2" not in results["sweeps"]  # a resnet's method has no sweeps
     assert np.isfinite(methods["KD"]["test"]["w2"]) and methods["KD"]["test"]["w2"] > 0
     assert methods["EDFM"]["num_members"] == 3 and methods["EDFM"]["test"]["mi"] > 0
     assert len(results["shift_sets"]) == 12 and results["ood_sets"] == ["digits"]
@@ -271,11 +289,12 @@ latency_warmup: 1
     assert methods[teacher_name]["cost"]["flops_per_input"] == pytest.approx(
         methods["Self"]["cost"]["flops_per_input"], rel=1e-6)
     assert methods[teacher_name]["cost"]["num_params"] == 2 * methods["KD"]["cost"]["num_params"]
-    sweep = results["edfm_sweeps"]["EDFM"]
-    assert [p["num_members"] for p in sweep["members"]] == [1, 3]
-    assert [p["nfe"] for p in sweep["steps"]["heun_exp"]] == [3]  # 2(S-1)+1
-    assert [p["nfe"] for p in sweep["steps"]["euler"]] == [2]
-    assert sweep["members"][0]["mi"] == 0.0 and sweep["members"][1]["mi"] > 0
+    sweep = results["sweeps"]["EDFM"]
+    assert [p["num_members"] for p in sweep["members"]["points"]] == [1, 3]
+    assert [p["x"] for p in sweep["heun_exp steps"]["points"]] == [3]  # NFE: 2(S-1)+1
+    assert [p["x"] for p in sweep["euler steps"]["points"]] == [2]
+    assert sweep["euler steps"]["points"][0]["options"] == {"num_steps": 2, "solver": "euler"}
+    assert sweep["members"]["points"][0]["mi"] is None and sweep["members"]["points"][1]["mi"] > 0
     assert out["run_dir"] == str(save)
 
     # Nothing is overwritten.

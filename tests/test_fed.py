@@ -100,7 +100,7 @@ def test_config_validation():
     assert override.optim_boundaries_and_scales == {3: 0.5} and override.bandwidth_range == [1.0, 2.0]
     bad = [["--bandwidth_range", "[]"], ["--bandwidth_range", "[2, -1]"], ["--kernel", "laplace"],
            ["--noise_std", "0"], ["--num_ensembles", "0"], ["--optim", "lamb"],
-           ["--optim_boundaries_and_scales", "{3: 0}"], ["--select_metric", "loss"]]
+           ["--optim_boundaries_and_scales", "{3: 0}"]]
     for extra in bad:
         with pytest.raises(UserError):
             parse_config(FedConfig, extra)
@@ -116,7 +116,8 @@ def test_config_validation():
 
 
 def test_piecewise_schedule_from_config():
-    from fed import FedConfig, make_optimizer
+    from fed import FedConfig
+    from utils.optim import make_optimizer
     from utils.config import parse_config
     from utils.optim import epoch_piecewise
 

@@ -15,6 +15,8 @@ from data import datasets
 from models.resnet import ResNet, ResNetOutput
 from utils.checkpoints import save_export, save_resnet
 from utils.config import parse_config
+from utils.driver import train
+from utils.optim import make_optimizer
 from utils.errors import UserError
 from utils.predict import load_predictor as load_any_predictor
 from utils.predict import predict
@@ -120,8 +122,9 @@ def test_adamw_decay_and_freeze_masks_and_beta2_schedule():
               "projector": {"scale": jnp.ones((2,)), "bias": jnp.ones((2,))},
               "head": {"w": jnp.ones((3,))}}
     b2 = gendd.beta2_schedule(0.5, 0.999, 10)
-    opt = gendd.adamw(0.1, 0.5, b1=0.9, b2=b2, eps=1e-8, decay_mask=gendd.decay_mask_of(params),
-                      frozen_mask=gendd.frozen_mask_of(params, True))
+    config = parse_config(gendd.GenDDConfig, ["--teacher_dir", "unused", "--optim_weight_decay", "0.5"])
+    opt = make_optimizer(config, 0.1, b2=b2, decay_mask=gendd.decay_mask_of(params),
+                         frozen_mask=gendd.frozen_mask_of(params, True))
     state = opt.init(params)
     zero = jax.tree.map(jnp.zeros_like, params)
     updates, state = opt.update(zero, state, params)
@@ -205,7 +208,7 @@ def test_load_teacher_kinds_and_errors(tmp_path):
     save_export(str(tmp_path / "swagbn" / "model"), {"mean": params, "params2": params}, side)
     with pytest.raises(UserError, match="swag: false"):
         gendd.load_teacher(str(tmp_path / "swagbn"))
-    with pytest.raises(UserError, match="not an exported model"):
+    with pytest.raises(UserError, match="no exported model there"):
         gendd.load_teacher(str(tmp_path / "nowhere"))
 
 
@@ -259,7 +262,7 @@ def test_two_stages_on_two_devices_and_predictor(tmp_path, fake_fmnist):
     s_params = s_vars.pop("params")
     save_resnet(str(tmp_path / "student0"), student, s_params, s_vars)
     s1 = str(tmp_path / "s1")
-    gendd.run(parse_config(gendd.GenDDConfig, _argv(tmp_path, fake_fmnist, teacher, 1, s1, [
+    train(gendd.METHOD, parse_config(gendd.GenDDConfig, _argv(tmp_path, fake_fmnist, teacher, 1, s1, [
         "--init_from", str(tmp_path / "student0")])), mesh)
     side1 = json.load(open(os.path.join(s1, "model", "sidecar.json")))
     assert side1["kind"] == "gendd" and side1["gendd_stage"] == 1 and side1["feature_dim"] == 32
@@ -268,7 +271,7 @@ def test_two_stages_on_two_devices_and_predictor(tmp_path, fake_fmnist):
     assert "val/teacher_acc" in records[-1]
 
     s2 = str(tmp_path / "s2")
-    gendd.run(parse_config(gendd.GenDDConfig, _argv(tmp_path, fake_fmnist, teacher, 2, s2,
+    train(gendd.METHOD, parse_config(gendd.GenDDConfig, _argv(tmp_path, fake_fmnist, teacher, 2, s2,
                                                     ["--init_from", s1, "--x0_clip", "0.5"])), mesh)
     records = [json.loads(line) for line in open(os.path.join(s2, "metrics.jsonl"))]
     last = records[-1]
@@ -317,7 +320,7 @@ def test_two_stages_on_two_devices_and_predictor(tmp_path, fake_fmnist):
     bad = _argv(tmp_path, fake_fmnist, teacher, 2, str(tmp_path / "bad"),
                 ["--init_from", s1, "--model_planes", "8"])
     with pytest.raises(UserError, match="planes"):
-        gendd.run(parse_config(gendd.GenDDConfig, bad), mesh)
+        train(gendd.METHOD, parse_config(gendd.GenDDConfig, bad), mesh)
     assert not os.path.exists(tmp_path / "bad")  # nothing written on bad input
 
 

@@ -225,7 +225,7 @@ def test_config_validation():
     assert parse_config(DistillConfig, base).num_teachers == 30
     bad = [["--baseline_method", "EnDD"], ["--optim_lr", "-1"], ["--num_teachers", "0"],
            ["--optim_momentum", "1.0"], ["--warmup_factor", "2"], ["--dist_temp", "0"],
-           ["--optim", "rmsprop"], ["--select_metric", "ens_nll"], ["--num_teachers", "x"]]
+           ["--optim", "rmsprop"], ["--num_teachers", "x"]]
     for extra in bad:
         with pytest.raises(UserError):
             parse_config(DistillConfig, base + extra)
@@ -314,3 +314,14 @@ def test_num_classes_must_match(tiny_setup, tmp_path, capsys):
         kd_and_endd.main([*_common_args(tiny_setup, tmp_path / "x"), "--num_classes", "100"])
     assert "num_classes is 100" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")  # nothing written
+
+
+def test_select_metric_must_be_a_validation_metric(tiny_setup, tmp_path, capsys):
+    """KD validates acc/nll only: ens_nll is refused by the driver before anything is written."""
+    import kd_and_endd
+
+    with pytest.raises(SystemExit):
+        kd_and_endd.main([*_common_args(tiny_setup, tmp_path / "x"), "--select_metric", "ens_nll"])
+    err = capsys.readouterr().err.strip()
+    assert "select_metric 'ens_nll'" in err and "acc, nll" in err and len(err.splitlines()) == 1
+    assert not os.path.exists(tmp_path / "x")

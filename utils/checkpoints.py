@@ -116,12 +116,30 @@ def load_export(directory: str, kind: str | None = None):
     return jax.tree.map(np.asarray, arrays), sidecar
 
 
-def save_resnet(directory: str, model, params, model_state, **info):
-    """Export a zoo network (a KD student, a plain teacher) so it loads without its config."""
+def find_export(path: str, what: str = "model") -> str:
+    """The export directory that `path` names: the export itself, or a run directory's model/."""
+    for directory in (path, os.path.join(path, "model")):
+        if os.path.exists(os.path.join(directory, SIDECAR)):
+            return directory
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, d, "model", SIDECAR))
+                                   for d in os.listdir(path)):
+        raise UserError(f"{what} {path} holds several runs: give one run directory")
+    raise UserError(f"{what} {path}: no exported model there (expected {path}/{SIDECAR} or "
+                    f"{path}/model/{SIDECAR})")
+
+
+def resnet_export(model, params, model_state) -> tuple[dict, dict]:
+    """(arrays, sidecar) of a zoo network (a KD student, a plain teacher), loadable without its
+    config by `load_resnet`."""
     from models.resnet import resnet_spec
 
-    sidecar = {"kind": "resnet", "model": resnet_spec(model), "num_classes": model.num_classes, **info}
-    save_export(directory, {"params": params, "model_state": model_state}, sidecar)
+    return ({"params": params, "model_state": model_state},
+            {"kind": "resnet", "model": resnet_spec(model), "num_classes": model.num_classes})
+
+
+def save_resnet(directory: str, model, params, model_state, **info):
+    arrays, sidecar = resnet_export(model, params, model_state)
+    save_export(directory, arrays, {**sidecar, **info})
 
 
 def load_resnet(directory: str, dtype=None):

@@ -4,13 +4,19 @@ Each script declares its keys as a dataclass that extends `CommonConfig`, then c
 `parse_config(ScriptConfig, argv)`. The order of precedence is: dataclass defaults < the YAML
 named by `--config` (or the `config.yaml` saved in the `--resume` run) < command-line flags.
 Unknown keys and wrong types raise `UserError` naming the nearest valid keys.
+
+One key set across the scripts: the keys every script shares live in `CommonConfig` once (run,
+data, model, optimizer, selection, test table) with their range checks. A config class may map
+the reference's other names onto them (`ALIASES`, e.g. EDFM's `optim_base` -> `optim`), so the
+reference's YAMLs parse unchanged, and lists the keys it accepts only for compatibility
+(`UNUSED`: read, checked for type, never used).
 """
 import dataclasses
 import datetime
 import difflib
 import os
 import typing
-from typing import Optional
+from typing import ClassVar, Optional
 
 import yaml
 
@@ -46,16 +52,44 @@ class CommonConfig:
     model_stem_planes: Optional[int] = None  # stem channels; default model_planes (resnet32x4: 32)
     model_nobias: bool = False
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
-    # Optimisation
+    # Optimisation (utils/optim.make_optimizer); each script sets its own defaults
     optim_bs: int = 256
     optim_ne: int = 1000
+    optim: str = "sgd"  # sgd: heavy-ball momentum, L2 added to the gradient | adam: AdamW
+    optim_lr: float = 0.1
+    optim_momentum: float = 0.9  # sgd
+    optim_weight_decay: float = 5e-4  # sgd: L2 on the gradient; adam: decoupled, scaled by the lr
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    # Validation, selection and the end-of-run test table
+    eval_every: int = 1  # epochs between validations (the last epoch always validates)
+    select_metric: Optional[str] = None  # validation metric that picks the export; null: the last
+    test_table: bool = False  # end with a test-set table: the teacher ensemble and the export
+    teacher_samples_per_run: int = 3  # SWAG samples per teacher run in that table
+    eval_bs: int = 500  # inputs per prediction batch of that table
+
+    ALIASES: ClassVar[dict] = {}  # the reference's name -> this project's key
+    UNUSED: ClassVar[tuple] = ()  # keys accepted for compatibility, never used
 
     def validate(self):
         """Range checks shared by every script; scripts extend this."""
-        positive = ["optim_bs", "optim_ne", "model_depth", "model_width", "model_planes", "log_every"]
+        positive = ["optim_bs", "optim_ne", "model_depth", "model_width", "model_planes", "log_every",
+                    "eval_every", "teacher_samples_per_run", "eval_bs"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise UserError(f"config key {key} must be >= 1, got {getattr(self, key)}")
+        if self.optim not in ("sgd", "adam", "adamw"):
+            raise UserError(f"optim must be sgd or adam (AdamW), got {self.optim!r}")
+        ranges = [("optim_lr", self.optim_lr > 0, "> 0"),
+                  ("optim_momentum", 0 <= self.optim_momentum < 1, "in [0, 1)"),
+                  ("optim_weight_decay", self.optim_weight_decay >= 0, ">= 0"),
+                  ("adam_beta1", 0 <= self.adam_beta1 < 1, "in [0, 1)"),
+                  ("adam_beta2", 0 <= self.adam_beta2 < 1, "in [0, 1)"),
+                  ("adam_eps", self.adam_eps > 0, "> 0")]
+        for key, ok, rule in ranges:
+            if not ok:
+                raise UserError(f"config key {key} must be {rule}, got {getattr(self, key)}")
         if (self.model_depth - 2) % 6:
             raise UserError(f"model_depth must be 6n+2 (8, 14, 20, 32, ...), got {self.model_depth}")
         if self.dtype not in ("float32", "bfloat16"):
@@ -160,21 +194,34 @@ def _read_yaml(path):
     return loaded
 
 
+def _canonical(cls, values: dict, source: str) -> dict:
+    """`values` with the reference's key names (cls.ALIASES) renamed to this project's."""
+    values = dict(values)
+    for alias, key in cls.ALIASES.items():
+        if alias in values:
+            if key in values and values[key] != values[alias]:
+                raise UserError(f"{source}: {alias} and {key} name the same setting and disagree "
+                                f"({values[alias]!r} vs {values[key]!r})")
+            values[key] = values.pop(alias)
+    return values
+
+
 def parse_config(cls, argv):
     """Build and validate a `cls` config from `--config FILE` and `--key value` flags."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    cli = _parse_cli(list(argv), fields)
+    cli = _parse_cli(list(argv), {**fields, **cls.ALIASES})
     values = {}
     resume = cli.get("resume")
     if resume is not None:
         saved = os.path.join(str(resume), CONFIG_FILE)
         if not os.path.exists(saved):
             raise UserError(f"--resume {resume}: no {CONFIG_FILE} there, so it is not a run directory")
-        values.update(_read_yaml(saved))
+        values.update(_canonical(cls, _read_yaml(saved), saved))
     if "config" in cli:
-        values.update(_read_yaml(cli.pop("config")))
-    values.update(cli)
+        path = cli.pop("config")
+        values.update(_canonical(cls, _read_yaml(path), path))
+    values.update(_canonical(cls, cli, "the command line"))
     for key in values:
         if key not in fields:
             raise UserError(f"unknown config key {key}{_nearest(key, fields)}")

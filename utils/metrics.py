@@ -327,38 +327,48 @@ def _import_ott():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*JAXopt is no longer maintained.*",
                                 category=DeprecationWarning)
-        from ott.geometry import pointcloud
+        from ott.geometry import geometry
         from ott.problems.linear import linear_problem
         from ott.solvers.linear import sinkhorn
         from ott.tools import unreg
-    return pointcloud, linear_problem, sinkhorn, unreg
+    return geometry, linear_problem, sinkhorn, unreg
+
+
+def _sq_dist(x, y):
+    """[n, K], [m, K] -> [n, m] squared Euclidean distances by explicit differences.
+
+    Not ``||x||^2 + ||y||^2 - 2 x.y`` (what ott's PointCloud computes): in float32 that
+    cancels catastrophically unless the points are small compared with their distances.
+    """
+    d = x[:, None, :] - y[None, :, :]
+    return (d * d).sum(axis=-1)
 
 
 def _hungarian_fn():
     if "hungarian" not in _SOLVER_CACHE:
         import jax
 
-        pointcloud, _, _, unreg = _import_ott()
+        geometry, _, _, unreg = _import_ott()
 
         def one(x, y):
-            _, out = unreg.hungarian(pointcloud.PointCloud(x, y))  # squared Euclidean cost
+            _, out = unreg.hungarian(geometry.Geometry(cost_matrix=_sq_dist(x, y)))
             return out.paired_indices  # [2, n]
 
         _SOLVER_CACHE["hungarian"] = jax.jit(jax.vmap(one))
     return _SOLVER_CACHE["hungarian"]
 
 
-def _sinkhorn_fn(rel_epsilon: float, threshold: float, max_iterations: int):
-    key = ("sinkhorn", rel_epsilon, threshold, max_iterations)
+def _sinkhorn_fn(threshold: float, max_iterations: int):
+    key = ("sinkhorn", threshold, max_iterations)
     if key not in _SOLVER_CACHE:
         import jax
 
-        pointcloud, linear_problem, sinkhorn, _ = _import_ott()
+        geometry, linear_problem, sinkhorn, _ = _import_ott()
 
         solver = sinkhorn.Sinkhorn(threshold=threshold, max_iterations=max_iterations)
 
-        def one(x, y):
-            geom = pointcloud.PointCloud(x, y, epsilon=rel_epsilon, relative_epsilon="mean")
+        def one(x, y, epsilon):  # epsilon: absolute, in the units of this x, y
+            geom = geometry.Geometry(cost_matrix=_sq_dist(x, y), epsilon=epsilon)
             out = solver(linear_problem.LinearProblem(geom))
             return out.matrix, out.converged
 
@@ -376,6 +386,27 @@ def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
     if a.shape[0] == size:
         return a
     return np.concatenate([a, np.repeat(a[-1:], size - a.shape[0], axis=0)], axis=0)
+
+
+def _planning_points(x: np.ndarray, y: np.ndarray):
+    """Per input: each set minus its own mean over members, both divided by one scale.
+
+    For the squared Euclidean cost and uniform weights, any coupling P of x and y satisfies
+    sum_ij P_ij ||x_i - y_j||^2 = ||mean(x) - mean(y)||^2 + sum_ij P_ij ||x~_i - y~_j||^2
+    with x~ = x - mean(x), y~ = y - mean(y) (the cross term is 2 (mean(x) - mean(y)) .
+    sum_ij P_ij (x~_i - y~_j) = 0 by the marginals). So the optimal plan of (x~, y~) is that of
+    (x, y), and it no longer depends on where the sets sit or how far apart their means are:
+    the solver, in float32, sees points of size ~ their spread, not of their offset.
+    Returns float64 x~, y~ (unscaled), the squared mean distance [n], and the per-input scale
+    s [n] (largest |coordinate| of x~, y~; 1 where both sets are single points) by which the
+    solver's copies are divided, so that float32 neither underflows nor overflows.
+    """
+    xc = x - x.mean(axis=1, keepdims=True)
+    yc = y - y.mean(axis=1, keepdims=True)
+    mean_sq = ((x.mean(axis=1) - y.mean(axis=1)) ** 2).sum(axis=-1)
+    scale = np.maximum(np.abs(xc).max(axis=(1, 2)), np.abs(yc).max(axis=(1, 2)))
+    scale = np.where(scale > 0, scale, 1.0)  # NaN inputs -> 1; NaN then propagates
+    return xc, yc, mean_sq, scale
 
 
 def wasserstein2_per_input(
@@ -407,8 +438,16 @@ def wasserstein2_per_input(
       entropic plan. At the defaults the W2 error was below 1e-4 relative in our checks (below
       1e-5 mostly); larger epsilons converge faster but blur the plan (5e-4 error at 1e-2).
       A RuntimeWarning is raised if some input did not converge.
-    The solver picks the plan in JAX's default float dtype; the cost of that plan is then
-    evaluated in float64 on the host.
+
+    Precision: the solver plans in JAX's default float dtype (float32 unless x64 is enabled),
+    but not on the raw logits. Per input, each set is shifted by its own mean over members and
+    both are divided by one common scale (see `_planning_points`; the plan is unchanged in exact
+    arithmetic, so is the Sinkhorn epsilon, given in the original units), and the cost matrix is
+    built from explicit differences. The returned value is then evaluated in float64 on the host
+    from that plan: ||mean(x) - mean(y)||^2 + sum_ij P_ij ||x~_i - y~_j||^2 (x~, y~ centred).
+    So the result does not depend on how far the logits sit from the origin, or from each other,
+    compared with their spread, and adding one vector to every teacher and student member leaves
+    it unchanged (up to float64 rounding).
     """
     x = _float(teacher_member_logits, 3, "teacher_member_logits")
     y = _float(student_member_logits, 3, "student_member_logits")
@@ -426,17 +465,20 @@ def wasserstein2_per_input(
     import jax.numpy as jnp
 
     dtype = jnp.zeros(()).dtype  # float32, or float64 under jax_enable_x64
+    xc, yc, mean_sq, scale = _planning_points(x, y)
+    xs, ys = xc / scale[:, None, None], yc / scale[:, None, None]  # solver's copies
     lcm = m * m2 // math.gcd(m, m2)
     out = np.empty(n)
     if lcm <= exact_max_points:
-        xr, yr = np.repeat(x, lcm // m, axis=1), np.repeat(y, lcm // m2, axis=1)
+        xr, yr = np.repeat(xc, lcm // m, axis=1), np.repeat(yc, lcm // m2, axis=1)
+        xsr, ysr = np.repeat(xs, lcm // m, axis=1), np.repeat(ys, lcm // m2, axis=1)
         size = max(1, min(n, chunk_elements // (lcm * lcm)))
         solve = _hungarian_fn()
         for a, b in _chunks(n, size):
             pairs = np.asarray(
                 solve(
-                    jnp.asarray(_pad_to(xr[a:b], size), dtype),
-                    jnp.asarray(_pad_to(yr[a:b], size), dtype),
+                    jnp.asarray(_pad_to(xsr[a:b], size), dtype),
+                    jnp.asarray(_pad_to(ysr[a:b], size), dtype),
                 )
             )[: b - a]
             i, j = pairs[:, 0], pairs[:, 1]  # [n_chunk, L]
@@ -444,18 +486,23 @@ def wasserstein2_per_input(
             diff = xr[a:b][rows, i] - yr[a:b][rows, j]
             out[a:b] = (diff**2).sum(axis=-1).mean(axis=-1)
     else:
+        # epsilon = sinkhorn_epsilon x mean_ij ||x_i - y_j||^2 of the original points (the
+        # mean of the centred cost plus ||mean(x) - mean(y)||^2), in the solver's units
+        mean_cost = mean_sq + (xc**2).sum(-1).mean(-1) + (yc**2).sum(-1).mean(-1)
+        eps = float(sinkhorn_epsilon) * mean_cost / scale**2
+        eps = np.where(eps > 0, eps, 1.0)  # zero only when every cost is 0: any plan is optimal
         size = max(1, min(n, chunk_elements // (m * m2)))
-        solve = _sinkhorn_fn(float(sinkhorn_epsilon), float(sinkhorn_threshold),
-                             int(sinkhorn_max_iterations))
+        solve = _sinkhorn_fn(float(sinkhorn_threshold), int(sinkhorn_max_iterations))
         not_converged = 0
         for a, b in _chunks(n, size):
             plan, conv = solve(
-                jnp.asarray(_pad_to(x[a:b], size), dtype),
-                jnp.asarray(_pad_to(y[a:b], size), dtype),
+                jnp.asarray(_pad_to(xs[a:b], size), dtype),
+                jnp.asarray(_pad_to(ys[a:b], size), dtype),
+                jnp.asarray(_pad_to(eps[a:b], size), dtype),
             )
             plan = np.asarray(plan, dtype=np.float64)[: b - a]
             not_converged += int((~np.asarray(conv)[: b - a]).sum())
-            cost = ((x[a:b, :, None, :] - y[a:b, None, :, :]) ** 2).sum(axis=-1)
+            cost = ((xc[a:b, :, None, :] - yc[a:b, None, :, :]) ** 2).sum(axis=-1)
             out[a:b] = (plan * cost).sum(axis=(1, 2))
         if not_converged:
             import warnings
@@ -466,7 +513,7 @@ def wasserstein2_per_input(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    return np.sqrt(np.maximum(out, 0.0))
+    return np.sqrt(np.maximum(out + mean_sq, 0.0))
 
 
 def wasserstein2(teacher_member_logits, student_member_logits, center: bool = True,

@@ -2,27 +2,27 @@
 
 Each method's script defines `load_predictor(model_dir, **options) -> Predictor` next to its
 training code (a method lives in its script); `load_predictor` here dispatches on the export's
-sidecar kind. evaluate.py and Python users see only this interface:
+sidecar kind through the method registry (utils/method.py). evaluate.py and Python users see
+only this interface:
 
     predictor = load_predictor("runs/edfm/x/model", num_members=32)
     logits = predict(predictor, images_u8, batch_size=500)   # NumPy [N, M, K]
+    students = ensemble_predictor("KD x3", [load_predictor(d) for d in kd_runs])  # members pooled
 """
 import dataclasses
-import importlib
-import os
+import inspect
 import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from utils.checkpoints import read_sidecar
+from data.augment import eval_images
+from utils.checkpoints import find_export, read_sidecar
 from utils.errors import UserError
+from utils.method import method_for_kind
 from utils.trainer import jit_batch_fn, make_mesh, map_batches, put_replicated
-
-# Which script knows how to predict with each kind of export.
-PREDICTOR_SCRIPTS = {"swag_teacher": "sgd_swag", "resnet": "kd_and_endd", "proxy_endd": "kd_and_endd",
-                     "fed": "fed", "edfm": "edfm", "gendd": "gendd"}
 
 
 @dataclasses.dataclass
@@ -40,20 +40,56 @@ def count_params(tree) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
-def load_predictor(model_dir: str, **options) -> Predictor:
-    if not os.path.isdir(model_dir):
-        raise UserError(f"{model_dir} does not exist")
-    if not os.path.exists(os.path.join(model_dir, "sidecar.json")) and \
-            os.path.exists(os.path.join(model_dir, "model", "sidecar.json")):
-        model_dir = os.path.join(model_dir, "model")  # a run directory: use its export
-    kind = read_sidecar(model_dir).get("kind")
-    if kind not in PREDICTOR_SCRIPTS:
-        raise UserError(f"{model_dir}: unknown model kind {kind!r}")
+def export_method(model_dir: str, what: str = "model"):
+    """(export directory, the registered Method that predicts with it) of a path to an export
+    or to a run directory."""
+    model_dir = find_export(model_dir, what)
+    return model_dir, method_for_kind(read_sidecar(model_dir).get("kind"))
+
+
+def check_options(model_dir: str, options: dict, what: str = "model"):
+    """One clear line when the method's load_predictor does not take these options."""
+    model_dir, method = export_method(model_dir, what)
+    loader = method.load_predictor
     try:
-        script = importlib.import_module(PREDICTOR_SCRIPTS[kind])
-    except ImportError as error:
-        raise UserError(f"{model_dir}: cannot load {PREDICTOR_SCRIPTS[kind]}.py for kind {kind!r}: {error}") from None
-    return script.load_predictor(model_dir, **options)
+        inspect.signature(loader).bind(model_dir, **options)
+    except TypeError:
+        valid = [n for n in list(inspect.signature(loader).parameters)[1:] if n != "kwargs"]
+        raise UserError(f"{what}: {method.script} load_predictor does not take options "
+                        f"{sorted(options)}; it takes {', '.join(valid)}") from None
+
+
+def load_predictor(model_dir: str, **options) -> Predictor:
+    model_dir, method = export_method(model_dir)
+    return method.load_predictor(model_dir, **options)
+
+
+def resnet_predictor(model, variables, sidecar, name: str = "ResNet") -> Predictor:
+    """A plain zoo network with its own classifier as a one-member Predictor."""
+    def member_logits(variables, images, key):
+        return model.apply(variables, images)[:, None, :]
+
+    return Predictor(name=name, kind="resnet", member_logits=member_logits, args=variables,
+                     num_members=1, num_params=count_params(variables["params"]), sidecar=sidecar)
+
+
+def ensemble_predictor(name: str, predictors: list) -> Predictor:
+    """Several predictors as one whose members are all of theirs, pooled (a deep ensemble of
+    students, e.g. three KD seeds): one compiled call, each part with its own key."""
+    if not predictors:
+        raise UserError(f"ensemble {name} needs at least one member")
+
+    def member_logits(args, images, key):
+        keys = jax.random.split(key, len(predictors))
+        return jnp.concatenate([p.member_logits(a, images, k)
+                                for p, a, k in zip(predictors, args, keys)], axis=1)
+
+    return Predictor(name=name, kind=predictors[0].kind, member_logits=member_logits,
+                     args=tuple(p.args for p in predictors),
+                     num_members=sum(p.num_members for p in predictors),
+                     num_params=sum(p.num_params for p in predictors),
+                     sidecar={**predictors[0].sidecar,
+                              "ensemble_of": [p.sidecar.get("seed") for p in predictors]})
 
 
 class Runner:
@@ -65,8 +101,7 @@ class Runner:
         self.batch_size = max(self.mesh.size, batch_size - batch_size % self.mesh.size)
 
         def fn(args, batch, key):
-            images = batch["images"].astype(np.float32) / 255.0
-            return predictor.member_logits(args, images, key)
+            return predictor.member_logits(args, eval_images(batch["images"]), key)
 
         self.jitted = jit_batch_fn(fn, self.mesh)
         self.args = put_replicated(predictor.args, self.mesh)

@@ -1,8 +1,10 @@
 """Teacher ensembles: R MultiSWAG runs loaded as one stacked set of moments, one vmapped forward.
 
 A teacher folder holds one or more runs written by `sgd_swag.py`, each `<run>/model/` with the
-SWAG mean, second moment and a sidecar. `load_teachers(folder)` stacks the runs' means and
-standard deviations on a leading axis R. A single deterministic network (a "resnet" export: a
+SWAG mean, second moment and a sidecar, plus, for low-rank SWAG (`rank >= 2`), the K latest
+deviations θ − mean. `load_teachers(folder)` stacks the runs' means and standard deviations on a
+leading axis R, and their deviations as [R, K, ...]; the runs of one folder are either all
+diagonal or all low-rank with the same K. A single deterministic network (a "resnet" export: a
 plain cross-entropy teacher or a KD student, BatchNorm statistics included) is the one-run
 ensemble with zero deviation, so every script also distills from one ordinary network (the
 GenDD paper's single-teacher KD). Members are then drawn inside jitted code:
@@ -12,7 +14,11 @@ GenDD paper's single-teacher KD). Members are then drawn inside jitted code:
 
 Each draw takes fresh SWAG noise, and each run appears ⌊M/R⌋ or ⌈M/R⌉ times, the runs that get
 the extra members being drawn at random per call. This fixes the reference's [Q3], which fixed
-the run of every slot once, at trace time (EDFM then distilled a single run).
+the run of every slot once, at trace time (EDFM then distilled a single run). A member of run r
+is θ = mean_r + scale·std_r⊙ξ for diagonal runs (the reference's sampler, no 1/√2), and for
+low-rank runs the SWAG paper's (Maddox et al. 2019) θ = mean_r + scale·(std_r⊙ξ₁/√2 +
+D_rᵀξ₂/√(2(K−1))), D_r the run's K stored deviations and ξ₂ ∈ R^K one draw per member shared
+by all its parameters (the low-rank factor correlates parameters across layers).
 """
 import dataclasses
 import os
@@ -22,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.resnet import ResNet, resnet_from_spec
-from models.swag import swag_std
+from models.swag import low_rank_leaf, swag_std
 from utils.checkpoints import SIDECAR, load_export, read_sidecar
 from utils.errors import UserError
 
@@ -32,7 +38,9 @@ TEACHER_KIND = "swag_teacher"
 @dataclasses.dataclass
 class TeacherEnsemble:
     model: ResNet
-    moments: dict  # {"mean": params [R, ...], "std": params [R, ...], "model_state": shared}
+    # {"mean": params [R, ...], "std": params [R, ...], "model_state": shared}, and for
+    # low-rank SWAG runs "deviations": params [R, K, ...]
+    moments: dict
     runs: list  # the run directories, in stacking order
     sidecars: list
 
@@ -62,23 +70,42 @@ def find_teacher_runs(folder: str) -> list[str]:
 
 
 def _load_run(export: str):
-    """(mean, std, model_state, sidecar) of one SWAG run, or of one network with std 0."""
+    """(mean, std, deviations, model_state, sidecar) of one SWAG run, or of one network with
+    std 0; deviations (leaves [K, ...]) only for a low-rank SWAG run, else None."""
     kind = read_sidecar(export).get("kind")
     if kind == TEACHER_KIND:
         arrays, sidecar = load_export(export, kind=TEACHER_KIND)
-        return arrays["mean"], swag_std(arrays["mean"], arrays["params2"]), {}, sidecar
+        std = swag_std(arrays["mean"], arrays["params2"])
+        return arrays["mean"], std, arrays.get("deviations"), {}, sidecar
     if kind == "resnet":
         arrays, sidecar = load_export(export, kind="resnet")
         params = arrays["params"]
-        return params, jax.tree.map(np.zeros_like, params), arrays.get("model_state", {}), sidecar
+        return params, jax.tree.map(np.zeros_like, params), None, arrays.get("model_state", {}), sidecar
     raise UserError(f"{export} holds a {kind!r}, not a teacher (a swag_teacher run or a resnet)")
+
+
+def deviation_rank(deviations) -> int:
+    """K, the number of stored deviations of a run (leaves [K, ...]); 0 for a diagonal run."""
+    return 0 if deviations is None else int(jax.tree.leaves(deviations)[0].shape[0])
+
+
+def _describe_rank(rank: int) -> str:
+    return "diagonal SWAG" if rank == 0 else f"low-rank SWAG with {rank} deviations"
 
 
 def load_teachers(folder: str, data_name: str | None = None, dtype=jnp.float32) -> TeacherEnsemble:
     runs = find_teacher_runs(folder)
-    means, stds, sidecars, model_state = [], [], [], {}
+    means, stds, deviations, sidecars, model_state = [], [], [], [], {}
     for run in runs:
-        mean, std, model_state, sidecar = _load_run(run)
+        mean, std, run_deviations, model_state, sidecar = _load_run(run)
+        rank = deviation_rank(run_deviations)
+        if rank == 1:  # the sampler divides by K − 1; sgd_swag.py exports deviations only for K >= 2
+            raise UserError(f"teacher run {run} has a single SWAG deviation: low-rank sampling needs >= 2")
+        # One sampler serves the whole stack: the runs must all have the same K (0: diagonal).
+        if deviations and rank != deviation_rank(deviations[0]):
+            raise UserError(f"teacher run {run} is {_describe_rank(rank)} but {runs[0]} is "
+                            f"{_describe_rank(deviation_rank(deviations[0]))}: a teacher folder "
+                            f"holds runs of one kind")
         if sidecars and sidecar["model"] != sidecars[0]["model"]:
             raise UserError(f"teacher run {run} has another architecture than {runs[0]}")
         if data_name is not None and sidecar.get("data_name", data_name) != data_name:
@@ -87,10 +114,13 @@ def load_teachers(folder: str, data_name: str | None = None, dtype=jnp.float32) 
             raise UserError(f"{run} has BatchNorm statistics: such a teacher must be alone in its folder")
         means.append(mean)
         stds.append(std)
+        deviations.append(run_deviations)
         sidecars.append(sidecar)
     stack = lambda trees: jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
     model = resnet_from_spec(sidecars[0]["model"], dtype=dtype)
     moments = {"mean": stack(means), "std": stack(stds), "model_state": model_state}
+    if deviation_rank(deviations[0]):
+        moments["deviations"] = stack(deviations)  # [R, K, ...]
     return TeacherEnsemble(model, moments, runs, sidecars)
 
 
@@ -100,20 +130,36 @@ def balanced_runs(key, num_members: int, num_runs: int):
 
 
 def members_from_runs(key, moments, run_index, scale: float = 1.0):
-    """Diagonal SWAG samples θ_m = mean[r_m] + scale·std[r_m]⊙ξ_m, stacked [M, ...].
+    """SWAG samples of the runs `run_index` [M], stacked [M, ...].
 
-    All the noise is one normal draw [M, P] cut into the leaves: one RNG call per leaf would
-    compile to ~10x more code (tens of seconds of XLA time on CPU for a ResNet-8).
+    Diagonal moments: θ_m = mean[r_m] + scale·std[r_m]⊙ξ_m. With "deviations" D [R, K, ...]
+    (low-rank SWAG): θ_m = mean[r_m] + scale·(std[r_m]⊙ξ₁/√2 + D[r_m]ᵀξ₂/√(2(K−1))), one
+    ξ₂ ∈ R^K per member shared by all its leaves.
+
+    All the noise is one normal draw [M, P + K] (K = 0 when diagonal), cut into the leaves' ξ₁
+    and ξ₂: one RNG call per leaf would compile to ~10x more code (tens of seconds of XLA time
+    on CPU for a ResNet-8).
     """
     leaves, treedef = jax.tree.flatten(moments["mean"])
     std_leaves = treedef.flatten_up_to(moments["std"])
+    deviation_leaves = treedef.flatten_up_to(moments["deviations"]) if "deviations" in moments else None
+    rank = deviation_leaves[0].shape[1] if deviation_leaves else 0
+    if rank == 1:
+        raise ValueError("low-rank SWAG sampling needs >= 2 deviations per run")
+    num_members = run_index.shape[0]
     sizes = [int(np.prod(leaf.shape[1:])) for leaf in leaves]
-    noise = jax.random.normal(key, (run_index.shape[0], sum(sizes)), leaves[0].dtype)
+    noise = jax.random.normal(key, (num_members, sum(sizes) + rank), leaves[0].dtype)
     offsets = np.cumsum([0] + sizes)
+    low_rank_noise = noise[:, offsets[-1]:]  # ξ₂ [M, K], the same for every leaf of a member
+    low_rank_members = jax.vmap(low_rank_leaf, in_axes=(0, 0, 0, 0, 0, None))
     members = []
-    for leaf, std, start, stop in zip(leaves, std_leaves, offsets[:-1], offsets[1:]):
-        xi = noise[:, start:stop].reshape((run_index.shape[0], *leaf.shape[1:]))
-        members.append(leaf[run_index] + scale * std[run_index] * xi)
+    for i, (leaf, std, start, stop) in enumerate(zip(leaves, std_leaves, offsets[:-1], offsets[1:])):
+        xi = noise[:, start:stop].reshape((num_members, *leaf.shape[1:]))
+        if deviation_leaves is None:
+            members.append(leaf[run_index] + scale * std[run_index] * xi)
+        else:
+            members.append(low_rank_members(leaf[run_index], std[run_index],
+                                            deviation_leaves[i][run_index], xi, low_rank_noise, scale))
     return jax.tree.unflatten(treedef, members)
 
 

@@ -54,6 +54,14 @@ class TrainState:
         return self.params if self.ema_params is None else self.ema_params
 
 
+def init_variables(model, rngs, images_u8):
+    """(params, model_state) of a Flax model initialised on one image of a uint8 batch."""
+    from data.augment import eval_images
+
+    variables = dict(jax.jit(model.init)(rngs, eval_images(images_u8[:1])))
+    return variables.pop("params"), variables
+
+
 def make_mesh(devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), ("data",))
@@ -80,6 +88,17 @@ def put_replicated(tree, mesh):
 def masked_mean(values, mask):
     mask = mask.astype(jnp.float32)
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def prediction_metrics(log_probs, labels, prefix: str = "") -> dict:
+    """Per-example accuracy and NLL of log-probabilities [B, K] (an eval_fn's usual output)."""
+    return {f"{prefix}acc": (jnp.argmax(log_probs, -1) == labels).astype(jnp.float32),
+            f"{prefix}nll": -jnp.take_along_axis(log_probs, labels[:, None], 1)[:, 0]}
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: every example once, the last batch padded."""
+    return math.ceil(num_examples / batch_size)
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int):
@@ -220,9 +239,6 @@ class Trainer:
         best, meta = restored
         return best, {"epoch": meta.get("epoch"),
                       **{k[4:]: v for k, v in meta.items() if k.startswith("val/")}}
-
-    def steps_per_epoch(self, num_examples: int) -> int:
-        return math.ceil(num_examples / self.batch_size)
 
     def fit(self, state: TrainState, train, val, frozen=None) -> TrainState:
         """Train from `state`, or from the run's latest checkpoint when there is one."""

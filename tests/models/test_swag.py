@@ -4,7 +4,8 @@ import numpy as np
 import optax
 import pytest
 
-from models.swag import find_swag_state, sample_diagonal, sample_low_rank, swag, swag_std
+from models.swag import (find_swag_state, low_rank_leaf, sample_diagonal, sample_low_rank, swag,
+                         swag_std)
 
 
 def run_sequence(updates_list, start_step, freq, rank):
@@ -81,3 +82,13 @@ def test_low_rank_sampler_covariance():
     diag = np.asarray(swag_std(state.mean, state.params2)["w"]) ** 2
     expected = np.diag(diag) / 2 + d.T @ d / (2 * (5 - 1))
     np.testing.assert_allclose(np.cov(samples.T), expected, rtol=0.08, atol=0.02)
+
+
+def test_low_rank_leaf_formula():
+    # mean + scale·(std⊙ξ₁/√2 + Dᵀξ₂/√(2(R−1))) with R = 3, worked out by hand.
+    mean, std, diag_noise = jnp.array([1.0, -1.0]), jnp.array([2.0, 4.0]), jnp.array([1.0, 0.5])
+    deviations = jnp.array([[1.0, 0.0], [0.0, 2.0], [3.0, -1.0]])  # [R, 2]
+    low_rank_noise = jnp.array([2.0, 1.0, -1.0])  # Dᵀξ₂ = [-1, 3], /√4 = [-0.5, 1.5]
+    got = low_rank_leaf(mean, std, deviations, diag_noise, low_rank_noise, scale=2.0)
+    expected = np.array([1.0, -1.0]) + 2.0 * (np.array([2.0, 2.0]) / np.sqrt(2.0) + np.array([-0.5, 1.5]))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)

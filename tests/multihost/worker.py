@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 from data.datasets import Split  # noqa: E402
 from models.resnet import ResNet  # noqa: E402
 from sgd_swag import make_loss_fn  # noqa: E402
-from utils.optim import sgd_l2  # noqa: E402
+from utils.config import CommonConfig  # noqa: E402
+from utils.optim import make_optimizer  # noqa: E402
 from utils.trainer import Trainer, TrainState, make_mesh  # noqa: E402
 
 MODEL = ResNet(10, depth=8, width=1, pixel_mean=(0.5,), pixel_std=(0.25,))
@@ -35,7 +36,7 @@ def main(out_dir):
     rng = np.random.default_rng(0)  # every process holds the same data set
     train = Split(rng.integers(0, 256, (72, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 72).astype(np.int32))
     val = Split(rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8), rng.integers(0, 10, 20).astype(np.int32))
-    optimizer = sgd_l2(0.05, 0.9, 5e-4)
+    optimizer = make_optimizer(CommonConfig(optim_momentum=0.9, optim_weight_decay=5e-4), 0.05)
     trainer = Trainer(run_dir=os.path.join(out_dir, "run"), optimizer=optimizer,
                       loss_fn=make_loss_fn(MODEL), eval_fn=eval_fn, seed=3, batch_size=16,
                       num_epochs=2, mesh=make_mesh(), select_metric="acc", select_mode="max")

@@ -65,9 +65,11 @@ def ref_w2_exact_lp(x, y):
     for j in range(m):
         a_eq[n + j, j::m] = 1.0
     b_eq = np.concatenate([np.full(n, 1.0 / n), np.full(m, 1.0 / m)])
-    res = linprog(c.ravel(), A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs")
+    # HiGHS's tolerances are absolute: solve with costs of order 1, then scale back
+    unit = c.mean() if c.mean() > 0 else 1.0
+    res = linprog(c.ravel() / unit, A_eq=a_eq, b_eq=b_eq, bounds=(0, None), method="highs")
     assert res.status == 0
-    return math.sqrt(max(res.fun, 0.0))
+    return math.sqrt(max(res.fun * unit, 0.0))
 
 
 def ref_w2_assignment(x, y):
@@ -388,3 +390,72 @@ def test_bad_shapes_raise():
         metrics.kl_to_teacher(_probs(0), _probs(0, k=K + 1))
     with pytest.raises(ValueError, match="3 dimensions"):
         metrics.ambiguity(_probs(0), _labels(0))
+
+
+# ----------------------------------------------------------------------------- W2 in float32 far from the origin
+def _ref_w2_sets(x, y, center):
+    """Float64 reference per input (scipy assignment, or LP for unequal sizes)."""
+    if center:
+        x, y = x - x.mean(-1, keepdims=True), y - y.mean(-1, keepdims=True)
+    ref = ref_w2_assignment if x.shape[1] == y.shape[1] else ref_w2_exact_lp
+    return np.array([ref(x[i], y[i]) for i in range(len(x))])
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_wasserstein2_tight_sets_far_from_origin_exact(center):
+    # member spread 1e-3 around a random per-input point: the solver works in float32, where
+    # ||x||^2 + ||y||^2 - 2 x.y of such points is all cancellation error (W2 came out ~20% high)
+    rng = np.random.default_rng(30)
+    n, m, k = 16, 8, 10
+    base = rng.normal(scale=3.0, size=(n, 1, k))
+    x = base + 1e-3 * rng.normal(size=(n, m, k))
+    y = base + 1e-3 * rng.normal(size=(n, m, k)) + 2e-4 * rng.normal(size=(n, 1, k))
+    ref = _ref_w2_sets(x, y, center)
+    got = metrics.wasserstein2_per_input(x, y, center=center)
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    assert metrics.wasserstein2(x, y, center=center) == pytest.approx(ref.mean(), rel=1e-4)
+    # unequal sizes, replicated Hungarian (lcm(6, 4) = 12)
+    xu, yu = x[:, :6], y[:, :4]
+    np.testing.assert_allclose(metrics.wasserstein2_per_input(xu, yu, center=center),
+                               _ref_w2_sets(xu, yu, center), rtol=1e-4)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_wasserstein2_common_offset_invariant_and_exact(center):
+    rng = np.random.default_rng(31)
+    n, m, k = 16, 16, 32
+    x = 0.3 * rng.normal(size=(n, m, k))
+    y = 0.3 * rng.normal(size=(n, m, k)) + 0.1 * rng.normal(size=(n, 1, k))
+    ref = _ref_w2_sets(x, y, center)
+    base = metrics.wasserstein2_per_input(x, y, center=center)
+    np.testing.assert_allclose(base, ref, rtol=1e-4)
+    # a common offset of 300 on every logit, and one of +-300 per class (not removed by
+    # centring), added to every teacher and student member alike
+    offsets = [np.full((1, 1, k), 300.0), 300.0 * np.sign(rng.normal(size=(n, 1, k)))]
+    for c in offsets:
+        got = metrics.wasserstein2_per_input(x + c, y + c, center=center)
+        np.testing.assert_allclose(got, ref, rtol=1e-4)
+        np.testing.assert_allclose(got, base, rtol=1e-6)  # the plan does not move at all
+        assert metrics.wasserstein2(x + c, y + c, center=center) == pytest.approx(
+            metrics.wasserstein2(x, y, center=center), rel=1e-6)
+
+
+def test_wasserstein2_sinkhorn_far_from_origin():
+    # the Sinkhorn fallback too: offset 300 and spread 1e-3 give the same (relative) accuracy
+    rng = np.random.default_rng(32)
+    n, k = 6, 3
+    x = rng.normal(size=(n, 6, k))
+    y = rng.normal(size=(n, 4, k)) + 0.5
+    ref = _ref_w2_sets(x, y, center=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # must converge
+        base = metrics.wasserstein2_per_input(x, y, center=False, exact_max_points=1)
+        shifted = metrics.wasserstein2_per_input(x + 300.0, y + 300.0, center=False,
+                                                 exact_max_points=1)
+        p = rng.normal(scale=3.0, size=(n, 1, k))
+        tight = metrics.wasserstein2_per_input(p + 1e-3 * x, p + 1e-3 * y, center=False,
+                                               exact_max_points=1)
+    np.testing.assert_allclose(base, ref, rtol=3e-4)
+    np.testing.assert_allclose(shifted, ref, rtol=3e-4)
+    np.testing.assert_allclose(shifted, base, rtol=1e-6)
+    np.testing.assert_allclose(tight, 1e-3 * ref, rtol=3e-4)

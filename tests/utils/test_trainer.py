@@ -10,7 +10,8 @@ from sgd_swag import make_loss_fn
 from utils.errors import UserError
 from utils.logging import read_metrics
 from utils.trainer import Trainer, TrainState, epoch_order, make_mesh, masked_mean
-from utils.optim import sgd_l2
+from utils.config import CommonConfig
+from utils.optim import make_optimizer
 
 MODEL = ResNet(10, depth=8, width=1, pixel_mean=(0.5,), pixel_std=(0.25,))
 
@@ -27,7 +28,7 @@ def eval_fn(state, frozen, batch, key):
 
 
 def make_trainer(run_dir, devices, num_epochs):
-    optimizer = sgd_l2(0.05, 0.9, 5e-4)
+    optimizer = make_optimizer(CommonConfig(optim_momentum=0.9, optim_weight_decay=5e-4), 0.05)
     trainer = Trainer(run_dir=str(run_dir), optimizer=optimizer, loss_fn=make_loss_fn(MODEL),
                       eval_fn=eval_fn, seed=3, batch_size=16, num_epochs=num_epochs,
                       mesh=make_mesh(devices), select_metric="acc", select_mode="max", log_every=2)
@@ -105,7 +106,7 @@ def test_for_run_takes_the_shared_keys_from_the_config(tmp_path):
 
     config = SimpleNamespace(seed=7, optim_bs=8, optim_ne=3, log_every=5, keep_checkpoints=1,
                              wandb=False)
-    optimizer = sgd_l2(0.05, 0.9, 5e-4)
+    optimizer = make_optimizer(CommonConfig(optim_momentum=0.9, optim_weight_decay=5e-4), 0.05)
     trainer = Trainer.for_run(str(tmp_path / "run"), config, optimizer=optimizer,
                               loss_fn=make_loss_fn(MODEL), eval_fn=eval_fn,
                               mesh=make_mesh(jax.devices()[:1]), select_metric="val_acc",

@@ -1,0 +1,126 @@
+"""The one driver: what every entry script does around its method, once.
+
+    parse the config -> load the data -> build the method's Run -> prepare the run directory ->
+    train (utils/trainer.py; resumes by itself) -> select on validation -> export -> close ->
+    optional test table (utils/evaluation.py) -> close the logger
+
+An entry script's `main` is `train_main(METHOD)`; its method lives in `build` (utils/method.py).
+"""
+import os
+
+import jax
+import numpy as np
+
+from data.datasets import load_dataset
+from utils.checkpoints import SIDECAR, save_export
+from utils.config import parse_config, prepare_run_dir
+from utils.errors import UserError, cli_main
+from utils.evaluation import default_key, format_test_table, test_table
+from utils.method import Method, Run
+from utils.trainer import Trainer
+
+
+def load_data(config):
+    """The config's data set; a `num_classes` key, where the config has one, must match it."""
+    dataset = load_dataset(config.data_name, config.data_root, download=config.download,
+                           num_train_examples=config.num_train_examples)
+    expected = getattr(config, "num_classes", None)
+    if expected is not None and expected != dataset.num_classes:
+        raise UserError(f"num_classes is {expected} but {dataset.name} has {dataset.num_classes} "
+                        f"classes")
+    return dataset
+
+
+def load_teachers_checked(config, dataset):
+    """The teacher ensemble of `config.teacher_dir`, checked against the data set."""
+    import jax.numpy as jnp
+
+    from utils.teachers import load_teachers
+
+    teachers = load_teachers(config.teacher_dir, dataset.name, dtype=jnp.dtype(config.dtype))
+    if teachers.num_classes != dataset.num_classes:
+        raise UserError(f"the teachers in {config.teacher_dir} predict {teachers.num_classes} "
+                        f"classes, {dataset.name} has {dataset.num_classes}")
+    members = getattr(config, "num_teachers", None)
+    if members and members % teachers.num_runs:
+        print(f"note: {members} teacher members over {teachers.num_runs} runs: some runs get one "
+              f"member more each step (drawn at random per step)")
+    return teachers
+
+
+def validation_metrics(run: Run, dataset) -> list:
+    """The names eval_fn returns, found by tracing it on one batch (nothing is computed)."""
+    images = dataset.val.images[:1] if len(dataset.val) else dataset.train.images[:1]
+    batch = {"images": images, "labels": np.zeros(1, np.int32), "mask": np.ones(1, bool)}
+    shapes = jax.eval_shape(run.eval_fn, run.state, run.frozen, batch, jax.random.PRNGKey(0))
+    return sorted(shapes)
+
+
+def check_select_metric(run: Run, dataset):
+    if run.select_metric is None:
+        return
+    names = validation_metrics(run, dataset)
+    if run.select_metric not in names:
+        raise UserError(f"select_metric {run.select_metric!r} is not a validation metric of this "
+                        f"run; choose from {', '.join(names)}")
+
+
+def default_test_predictors(method: Method, config):
+    """The teacher ensemble (when the config names one) and the exported model."""
+    from utils.teachers import teacher_predictor
+
+    def predictors(export_dir):
+        teacher = ([teacher_predictor(config.teacher_dir, config.teacher_samples_per_run, config.seed)]
+                   if getattr(config, "teacher_dir", None) else [])
+        return teacher + [method.load_predictor(export_dir)]
+
+    return predictors
+
+
+def train(method: Method, config, mesh=None) -> str:
+    """Train, select and export one run of `method`; returns the run directory."""
+    dataset = load_data(config)
+    run = method.build(config, dataset)
+    check_select_metric(run, dataset)
+    run_dir = prepare_run_dir(config, method.name)  # after every input check: bad input leaves nothing
+    trainer = Trainer.for_run(run_dir, config, optimizer=run.optimizer, lr_schedule=run.lr_schedule,
+                              loss_fn=run.loss_fn, eval_fn=run.eval_fn, mesh=mesh,
+                              select_metric=run.select_metric, select_mode=run.select_mode,
+                              ema_decay=run.ema_decay,
+                              num_epochs=run.num_epochs or config.optim_ne)
+    if run.summary:
+        print(run.summary)
+    val = dataset.val if run.val is None else run.val
+    state = trainer.fit(run.state, dataset.train, val, run.frozen)
+
+    export_dir = os.path.join(run_dir, "model")
+    if not os.path.exists(os.path.join(export_dir, SIDECAR)):
+        selected, val_metrics = trainer.selected(state)
+        arrays, sidecar = run.export(selected, val_metrics)
+        save_export(export_dir, arrays, {**sidecar, "data_name": config.data_name,
+                                         "seed": config.seed, "trained_by": method.script,
+                                         "val": val_metrics})
+        if run.select_metric is not None:
+            print(f"selected epoch {val_metrics.get('epoch')}: validation {run.select_metric} "
+                  f"{val_metrics.get(run.select_metric)}")
+    trainer.checkpoints.close()
+    print(f"{method.name}: model saved in {export_dir}")
+
+    if config.test_table:
+        predictors = (run.test_predictors or default_test_predictors(method, config))(export_dir)
+        rows = test_table(predictors, dataset.test, batch_size=config.eval_bs, mesh=trainer.mesh,
+                          key=default_key(config.seed))
+        print(format_test_table(rows, f"test set of {config.data_name} ({len(dataset.test)} images)"))
+        trainer.logger.log({f"test/{name}/{k}": v for name, row in rows.items() for k, v in row.items()})
+    trainer.logger.close()
+    return run_dir
+
+
+def train_main(method: Method):
+    """The entry script's main(argv): `python <script>.py --config FILE --key value ...`."""
+
+    @cli_main
+    def main(argv):
+        return train(method, parse_config(method.config_class, argv))
+
+    return main
