@@ -4,11 +4,13 @@ and the training steps of the scripts built at the paper's sizes on generated da
 Timing and FLOPs come from utils/cost.py (measure_latency: warm-up, block_until_ready,
 medians; xla_flops: XLA cost analysis), the same code evaluate.py reports with.
 
-`build_step(method, args)` builds the real train step of sgd_swag.py, kd_and_endd.py (KD) or
-edfm.py from the script's own config dataclass (its YAML for the preset, plus the size flags),
-make_loss_fn and make_optimizer, with utils.trainer.make_train_step on make_mesh() over all
-devices, and places state, frozen arrays and a generated uint8 training set on the mesh as
-Trainer.fit does. The teachers are a generated stack of SWAG moments (`--teacher_runs` runs).
+`build_step(name, args)` builds the real train step of a preset's config file: the registry
+(utils/method.py) names the method that reads that YAML, and the step is one call of that
+method's `build(config, dataset)` (the preset's YAML plus the size flags; a generated uint8 data
+set), compiled by utils.trainer.make_train_step on make_mesh() over all devices, with state,
+frozen arrays and the training set placed on the mesh as Trainer.fit places them. The teachers
+are `--teacher_runs` generated SWAG runs exported as sgd_swag.py exports them, and EDFM's backbone
+a generated KD export, so the method loads them exactly as it loads trained ones.
 Results go to bench/results/<name>-<platform>.json (name = bench-preset[-bfloat16] for these
 benches: result_name), or to `--out_dir` / $BENCH_RESULTS_DIR.
 """
@@ -60,7 +62,7 @@ PRESETS = {
              "kd": "config/distillation/kd_c100_frnrelu.yaml",
              "edfm": "config/distillation/edfm_c100_frnrelu.yaml"},
 }
-METHODS = ("sgd_swag", "kd", "edfm")
+METHODS = ("sgd_swag", "kd", "edfm")  # the steps a preset names (its config files above)
 
 
 def add_run_args(parser: argparse.ArgumentParser):
@@ -92,27 +94,22 @@ def add_model_args(parser: argparse.ArgumentParser, training: bool = True):
                              "preset's train split, 40960)")
 
 
-def preset_config(method: str, args):
-    """The script's config dataclass from the preset's YAML and the size flags, validated as
-    the script validates it (utils.config.parse_config)."""
-    from utils.config import parse_config
+def preset_config(name: str, args, **keys):
+    """The config of the preset's `name` step (its YAML and the size flags; `keys` are further
+    --key value flags), parsed as its script parses it, and the Method that reads it."""
+    from utils.method import config_reader
 
-    if method == "sgd_swag":
-        from sgd_swag import SwagConfig as cls
-    elif method == "kd":
-        from kd_and_endd import DistillConfig as cls
-    else:
-        from edfm import EdfmConfig as cls
-    argv = ["--config", os.path.join(ROOT, PRESETS[args.preset][method]),
-            "--optim_bs", str(args.batch), "--dtype", args.dtype]
-    argv += ["--model_depth", str(args.depth)] if args.depth else []
-    argv += ["--model_width", str(args.width)] if args.width else []
-    if method != "sgd_swag" and args.classes:
-        argv += ["--num_classes", str(args.classes)]
-    if method == "kd":
-        argv += ["--baseline_method", "KD"]
-        argv += ["--num_teachers", str(args.num_teachers)] if args.num_teachers else []
-    return parse_config(cls, argv)
+    path = os.path.join(ROOT, PRESETS[args.preset][name])
+    reader = config_reader(path)
+    fields = {f.name for f in dataclasses.fields(reader.method.config_class)}
+    flags = {"optim_bs": args.batch, "dtype": args.dtype, "model_depth": args.depth,
+             "model_width": args.width, "num_teachers": args.num_teachers,
+             "num_classes": args.classes, **keys}
+    argv = ["--config", path]
+    for key, value in flags.items():
+        if value is not None and key in fields:
+            argv += [f"--{key}", str(value)]
+    return reader.parse(argv), reader.method
 
 
 def data_spec(args):
@@ -120,6 +117,25 @@ def data_spec(args):
 
     spec = DATASETS[PRESETS[args.preset]["data"]]
     return spec, args.classes or spec.num_classes
+
+
+def generated_dataset(args, num_images: int):
+    """A Dataset of random uint8 images of the preset's data set (its name, pixel statistics
+    and classes, `--size` pixels): what the scripts' build() reads."""
+    import numpy as np
+
+    from data.datasets import Dataset, Split
+
+    spec, num_classes = data_spec(args)
+    rng = np.random.default_rng(0)
+    shape = (args.size, args.size, 3)
+
+    def split(n):
+        return Split(rng.integers(0, 256, (n, *shape), dtype=np.uint8),
+                     (np.arange(n) % num_classes).astype(np.int32))
+
+    return Dataset(spec.name, num_classes, shape, spec.pixel_mean, spec.pixel_std,
+                   train=split(num_images), val=split(8), test=split(8), source="generated")
 
 
 # ------------------------------------------------------------------------------ train steps
@@ -163,82 +179,78 @@ def teacher_moments(model, num_runs: int, image_shape) -> dict:
     return {"mean": runs(1.0), "std": jax.tree.map(np.abs, runs(0.05)), "model_state": {}}
 
 
-def build_step(method: str, args, mesh=None) -> StepBench:
-    """The train step of `method` (sgd_swag | kd | edfm) as its script builds it."""
-    import jax.numpy as jnp
+_EXPORTS = {}  # what was generated -> its directory, once per process
+
+
+def generated_exports(args) -> dict:
+    """Directories of generated exports: `teacher_dir` (R SWAG runs of the preset's teacher
+    architecture, as sgd_swag.py exports them) and `pretrained_resnet` (a KD export of the
+    EDFM preset's backbone); {key: directory}, for the configs that have those keys."""
+    import tempfile
+
     import numpy as np
 
-    from models.resnet import resnet_from_config
-    from utils.trainer import (TrainState, batch_sharded, make_mesh, make_train_step,
-                               put_replicated, replicated, to_global)
+    from models.resnet import resnet_from_config, resnet_spec
+    from utils.checkpoints import save_export, save_resnet
 
-    mesh = make_mesh() if mesh is None else mesh
-    config = preset_config(method, args)
+    key = (args.preset, args.depth, args.width, args.classes, args.size, args.teacher_runs)
+    if key in _EXPORTS:
+        return _EXPORTS[key]
     spec, num_classes = data_spec(args)
     image_shape = (args.size, args.size, 3)
-    dtype = jnp.dtype(config.dtype)
-    steps_per_epoch = -(-spec.num_train // config.optim_bs)
-    resnet = lambda cfg: resnet_from_config(cfg, num_classes, spec.pixel_mean, spec.pixel_std,
-                                            dtype=dtype)
+    root = tempfile.mkdtemp(prefix="bench-exports-")
 
-    def init(model):
-        variables = init_variables(model, image_shape)
-        return variables.pop("params"), variables
+    def network(name):
+        config, _ = preset_config(name, args, dtype="float32")
+        return resnet_from_config(config, num_classes, spec.pixel_mean, spec.pixel_std)
 
-    frozen, ema_decay = None, 0.0
-    if method != "sgd_swag":  # the teachers: MultiSWAG runs of the preset's teacher architecture
-        teacher_model = resnet(preset_config("sgd_swag", args))
-        moments = teacher_moments(teacher_model, args.teacher_runs, image_shape)
-    if method == "sgd_swag":
-        import sgd_swag
+    teacher = network("sgd_swag")
+    moments = teacher_moments(teacher, args.teacher_runs, image_shape)
+    sidecar = {"kind": "swag_teacher", "model": resnet_spec(teacher), "num_classes": num_classes,
+               "data_name": spec.name}
+    for r in range(args.teacher_runs):
+        mean = jax.tree.map(lambda x: x[r], moments["mean"])
+        params2 = jax.tree.map(lambda m, s: np.square(m) + np.square(s[r]), mean, moments["std"])
+        save_export(os.path.join(root, "teachers", f"run{r}", "model"),
+                    {"mean": mean, "params2": params2}, sidecar)
+    backbone = network("edfm")
+    variables = init_variables(backbone, image_shape)
+    params = variables.pop("params")
+    save_resnet(os.path.join(root, "kd", "model"), backbone, params, variables, method="KD",
+                data_name=spec.name)
+    _EXPORTS[key] = {"teacher_dir": os.path.join(root, "teachers"),
+                     "pretrained_resnet": os.path.join(root, "kd")}
+    return _EXPORTS[key]
 
-        model = resnet(config)
-        params, model_state = init(model)
-        schedule = sgd_swag.learning_rate_schedule(config, steps_per_epoch)
-        optimizer = sgd_swag.make_optimizer(config, schedule, steps_per_epoch)
-        loss_fn = sgd_swag.make_loss_fn(model)
-    elif method == "kd":
-        import kd_and_endd
 
-        model = resnet(config)
-        params, model_state = init(model)
-        optimizer, _ = kd_and_endd.make_optimizer(config, steps_per_epoch)
-        loss_fn = kd_and_endd.make_loss_fn(model, teacher_model, config)
-        frozen = {"teachers": moments}
-    elif method == "edfm":
-        import edfm
+def build_step(name: str, args, mesh=None) -> StepBench:
+    """The train step of the preset's `name` config (sgd_swag | kd | edfm): one call of the
+    build() of the method that reads it (the registry), as its script runs it."""
+    import numpy as np
 
-        backbone = resnet(config)  # the frozen KD backbone: the config's model_* keys
-        backbone_params, backbone_state = init(backbone)
-        backbone_variables = {"params": backbone_params, **backbone_state}
-        head = edfm.make_head(num_classes, **{k: getattr(config, k) for k in edfm.HEAD_FIELDS})
-        cond_dim = edfm.feature_dim(backbone, backbone_variables, image_shape)
-        params = jax.jit(head.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, num_classes)),
-                                    jnp.zeros((1, cond_dim)), jnp.zeros((1,)))["params"]
-        model_state, ema_decay = {}, config.ema_decay
-        optimizer, _ = edfm.make_optimizer(config, steps_per_epoch * config.optim_ne)
-        loss_fn = edfm.make_loss_fn(head, backbone, teacher_model, config)
-        frozen = {"teacher": moments, "backbone": backbone_variables}
-    else:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    from utils.trainer import (batch_sharded, make_mesh, make_train_step, put_replicated,
+                               replicated, to_global)
+
+    mesh = make_mesh() if mesh is None else mesh
+    spec, _ = data_spec(args)
+    config, method = preset_config(name, args, **generated_exports(args))
     if config.optim_bs % mesh.size:
         raise ValueError(f"batch {config.optim_bs} is not a multiple of the {mesh.size} devices")
-
-    state = TrainState.create(params, optimizer, model_state, ema=ema_decay > 0)
-    step = make_train_step(loss_fn, optimizer, config.seed, ema_decay, mesh)
+    num_images = args.num_images or spec.num_train
+    if num_images < config.optim_bs:
+        raise ValueError(f"--num_images {num_images} is smaller than the batch {config.optim_bs}")
+    dataset = generated_dataset(args, num_images)
+    run = method.build(config, dataset)
+    step = make_train_step(run.loss_fn, run.optimizer, config.seed, run.ema_decay, mesh)
     # Placed as Trainer.fit places them: state, frozen and the uint8 set replicated, the
     # batch's indices and mask sharded along `data`.
-    rng = np.random.default_rng(0)
-    num_images = args.num_images or spec.num_train
-    images = rng.integers(0, 256, (num_images, *image_shape), dtype=np.uint8)
-    labels = (np.arange(num_images) % num_classes).astype(np.int32)
-    indices = rng.permutation(num_images)[:config.optim_bs].astype(np.int32)
-    if len(indices) < config.optim_bs:
-        raise ValueError(f"--num_images {num_images} is smaller than the batch {config.optim_bs}")
-    placed = (put_replicated(frozen, mesh), to_global(images, replicated(mesh)),
-              to_global(labels, replicated(mesh)), to_global(indices, batch_sharded(mesh)),
+    indices = np.random.default_rng(0).permutation(num_images)[:config.optim_bs].astype(np.int32)
+    placed = (put_replicated(run.frozen, mesh), to_global(dataset.train.images, replicated(mesh)),
+              to_global(dataset.train.labels, replicated(mesh)),
+              to_global(indices, batch_sharded(mesh)),
               to_global(np.ones(config.optim_bs, bool), batch_sharded(mesh)))
-    return StepBench(method, step, put_replicated(state, mesh), placed, config, mesh, config.optim_bs)
+    return StepBench(name, step, put_replicated(run.state, mesh), placed, config, mesh,
+                     config.optim_bs)
 
 
 def compile_step(bench: StepBench):

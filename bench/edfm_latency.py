@@ -11,7 +11,7 @@ XLA's cost analysis with every iteration of the ODE and member loops counted):
   backbone forward. Built by edfm.py itself: a randomly initialised head and backbone exported
   with edfm.export_edfm and loaded with edfm.load_predictor (so the sampling code is the one
   evaluate.py times), the head sized by the preset's EDFM config (c10: 256 wide, c100: 512).
-- backbone: one forward of the same ResNet with its classifier (edfm.resnet_predictor).
+- backbone: one forward of the same ResNet with its classifier (utils.predict.resnet_predictor).
 - teacher: `--teacher_members` (30) SWAG members of the preset's teacher ResNet in one call,
   utils.teachers.ensemble_logits (lax.map over members on CPU, vmap on accelerators).
 All in float32: load_predictor builds the backbone in float32.
@@ -32,7 +32,8 @@ import numpy as np
 import edfm
 from models.resnet import resnet_from_config
 from utils.cost import predictor_cost
-from utils.predict import Predictor, count_params
+from utils.checkpoints import save_export
+from utils.predict import Predictor, count_params, resnet_predictor
 from utils.teachers import draw_members, ensemble_logits
 
 TARGET = 1.5  # EDFM latency <= 1.5 x one backbone forward
@@ -44,8 +45,8 @@ def edfm_predictor(config, backbone, variables, num_classes, image_shape, args, 
     head_params = jax.jit(head.init)(jax.random.PRNGKey(config.seed), jnp.zeros((1, num_classes)),
                                      jnp.zeros((1, cond_dim)), jnp.zeros((1,)))["params"]
     export = os.path.join(directory, "model")
-    edfm.export_edfm(export, config, num_classes, head_params, backbone, variables,
-                     directory, {"method": "random init"}, {})
+    save_export(export, *edfm.export_edfm(config, num_classes, head_params, backbone, variables,
+                                          directory, {"method": "random init"}))
     return edfm.load_predictor(export, num_members=args.members, num_steps=args.steps,
                                solver=args.solver)
 
@@ -73,20 +74,20 @@ def main(argv=None):
     parser.add_argument("--skip_flops", action="store_true", help="no FLOP counts (saves compiles)")
     args = parser.parse_args(argv)
 
-    config = common.preset_config("edfm", args)
+    config, _ = common.preset_config("edfm", args)
     spec, num_classes = common.data_spec(args)
     image_shape = (args.size, args.size, 3)
     resnet = lambda cfg: resnet_from_config(cfg, num_classes, spec.pixel_mean, spec.pixel_std)
     backbone = resnet(config)
     variables = common.init_variables(backbone, image_shape)
-    teacher_model = resnet(common.preset_config("sgd_swag", args))
+    teacher_model = resnet(common.preset_config("sgd_swag", args)[0])
     moments = common.teacher_moments(teacher_model, args.teacher_runs, image_shape)
     images = np.random.default_rng(0).integers(0, 256, (args.batch, *image_shape), dtype=np.uint8)
 
     with tempfile.TemporaryDirectory() as tmp:
         predictors = {
             "edfm": edfm_predictor(config, backbone, variables, num_classes, image_shape, args, tmp),
-            "backbone": edfm.resnet_predictor(backbone, variables, {}),
+            "backbone": resnet_predictor(backbone, variables, {}),
             "teacher": teacher_predictor(teacher_model, moments, args.teacher_members),
         }
         costs = {name: predictor_cost(p, images, repeats=args.repeats, warmup=args.warmup,

@@ -86,6 +86,7 @@ class ConfigReader:
 
     pattern: str
     parse: Callable
+    method: Optional["Method"] = None  # the method whose config it is (None: evaluate.py's)
 
 
 _METHODS: dict[str, Method] = {}
@@ -101,14 +102,14 @@ def register(method: Method) -> Method:
                              f"{sorted(set(other.export_kinds) & set(method.export_kinds))}")
     _METHODS[method.name] = method
     for pattern in method.config_files:
-        register_config(pattern, _parser(method.config_class))
+        register_config(pattern, _parser(method.config_class), method)
     return method
 
 
-def register_config(pattern: str, parse: Callable):
+def register_config(pattern: str, parse: Callable, method: Optional[Method] = None):
     """Declare how the YAMLs matching `pattern` (relative to config/) are parsed."""
     global _READERS
-    _READERS = [r for r in _READERS if r.pattern != pattern] + [ConfigReader(pattern, parse)]
+    _READERS = [r for r in _READERS if r.pattern != pattern] + [ConfigReader(pattern, parse, method)]
 
 
 def _parser(config_class):
