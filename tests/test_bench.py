@@ -31,6 +31,7 @@ def positive(*values):
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, value
 
 
+@pytest.mark.slow
 def test_throughput_reports_steps_flops_and_mfu(tmp_path):
     """sgd_swag and KD here; the EDFM step is built and compiled by the memory test."""
     out = run("throughput", TRAIN_SIZES + TIMING + ["--peak_flops", "1e12", "--methods", "sgd_swag",
@@ -51,13 +52,12 @@ def test_throughput_reports_steps_flops_and_mfu(tmp_path):
     assert out["steps"]["kd"]["flops_per_step"] > out["steps"]["sgd_swag"]["flops_per_step"]
 
 
-def test_peak_flops_table_and_override():
+def test_peak_flops_unknown_on_cpu_and_override():
     assert common.peak_flops("float32") == (None, "unknown for cpu: pass --peak_flops")
-    assert common.peak_flops("bfloat16", 2e12)[0] == 2e12
-    assert dict(common.PEAK_FLOPS)["H200"]["bfloat16"] == 989e12
-    assert common.precision_basis("float32") == "tensorfloat32"
+    assert common.peak_flops("bfloat16", 2e12) == (2e12, "--peak_flops")
 
 
+@pytest.mark.slow
 def test_data_pipeline_share_is_pipeline_over_step(tmp_path):
     out = run("data_pipeline", TRAIN_SIZES + TIMING, tmp_path, "data_pipeline")
     row = out["methods"]["kd"]
@@ -67,6 +67,7 @@ def test_data_pipeline_share_is_pipeline_over_step(tmp_path):
     assert row["meets_target"] == (row["pipeline_share"] <= out["target_share"])
 
 
+@pytest.mark.slow
 def test_edfm_latency_ratios_are_quotients_of_the_medians(tmp_path):
     out = run("edfm_latency", SIZES + TIMING + ["--members", "2", "--teacher_members", "2"], tmp_path,
               "edfm_latency")
@@ -86,6 +87,7 @@ def test_edfm_latency_ratios_are_quotients_of_the_medians(tmp_path):
     assert ratios["edfm_over_backbone_flops"] > 1
 
 
+@pytest.mark.slow
 def test_memory_reports_xla_buffers_in_mib(tmp_path):
     out = run("memory", TRAIN_SIZES + ["--methods", "edfm"], tmp_path, "memory")
     row = out["steps"]["edfm"]

@@ -168,6 +168,7 @@ def edfm_run(tmp_path_factory, writers):
                "meshes": meshes, "test_images": arrays["test_images"][..., None]}
 
 
+@pytest.mark.slow
 def test_run_trains_two_steps_on_two_devices_and_exports(edfm_run):
     run = edfm_run["run"]
     assert edfm_run["meshes"] and all(m.size == 2 for m in edfm_run["meshes"])
@@ -188,6 +189,7 @@ def test_run_trains_two_steps_on_two_devices_and_exports(edfm_run):
     assert sidecar["backbone"]["model"]["depth"] == 8 and np.isfinite(sidecar["val"]["nll"])
 
 
+@pytest.mark.slow
 def test_backbone_is_unchanged_by_training(edfm_run):
     arrays, _ = load_export(str(edfm_run["run"] / "model"), kind="edfm")
     exported, given = arrays["backbone"]["params"], edfm_run["backbone_params"]
@@ -197,6 +199,7 @@ def test_backbone_is_unchanged_by_training(edfm_run):
     assert sum(np.size(x) for x in jax.tree.leaves(arrays["head"])) > 0
 
 
+@pytest.mark.slow
 def test_load_predictor_samples_distinct_members(edfm_run):
     mesh = make_mesh(jax.devices()[:2])
     images = edfm_run["test_images"]
@@ -216,6 +219,7 @@ def test_load_predictor_samples_distinct_members(edfm_run):
         edfm.load_predictor(str(edfm_run["run"]), solver="rk4")
 
 
+@pytest.mark.slow
 def test_heun_exp_uses_13_head_evaluations(edfm_run):
     """Count the head evaluations actually executed by the predictor's sampler."""
     predictor = edfm.load_predictor(str(edfm_run["run"] / "model"), num_members=3)

@@ -169,6 +169,7 @@ def _fake_flow_method():
                   export_kinds=("fake_flow",), sweeps=sweeps)
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end(tmp_path, fake_fmnist_root, monkeypatch):
     import sgd_swag
     from models.resnet import ResNet

@@ -249,6 +249,7 @@ def _argv(tmp, data_root, teacher, stage, save, extra=()):
             "--num_val_examples", "8", "--log_every", "1", "--smooth", "0.9", *extra]
 
 
+@pytest.mark.slow
 def test_two_stages_on_two_devices_and_predictor(tmp_path, fake_fmnist):
     """Stage 1 (P is a Dense: student 16-d, teacher 32-d) then stage 2 from its export (K = 2
     tokens of 16), 2 steps each on 2 simulated devices; the stage-2 export predicts [N, M, K]."""

@@ -73,6 +73,7 @@ def test_config_checks():
             parse_config(hydra.HydraConfig, bad)
 
 
+@pytest.mark.slow
 def test_two_steps_export_predict_and_evaluate(tiny_setup, tmp_path):
     """Trained by the shared driver on 2 devices; predicted through the registry."""
     from utils.predict import load_predictor, predict

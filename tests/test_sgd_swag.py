@@ -27,6 +27,7 @@ def smoke_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_smoke_run_leaves_a_loadable_teacher(smoke_run):
     from utils.teachers import load_teachers
 
@@ -39,6 +40,7 @@ def test_smoke_run_leaves_a_loadable_teacher(smoke_run):
     assert [r["epoch"] for r in records] == [1, 2]
 
 
+@pytest.mark.slow
 def test_save_to_existing_run_refuses_and_touches_nothing(smoke_run):
     before = {f: os.path.getmtime(os.path.join(smoke_run, f)) for f in os.listdir(smoke_run)}
     result = run(SMOKE + ["--save", smoke_run])
@@ -47,6 +49,7 @@ def test_save_to_existing_run_refuses_and_touches_nothing(smoke_run):
     assert before == {f: os.path.getmtime(os.path.join(smoke_run, f)) for f in os.listdir(smoke_run)}
 
 
+@pytest.mark.slow
 def test_resume_continues_instead_of_restarting(smoke_run):
     result = run(["--resume", smoke_run, "--optim_ne", "3"])
     assert result.returncode == 0, result.stderr[-2000:]

@@ -103,6 +103,7 @@ def test_slice():
     return test.images[SLICE], test.labels[SLICE]
 
 
+@pytest.mark.slow
 def test_known_accuracy_on_a_fixed_test_slice(test_slice):
     from utils import metrics
     from utils.predict import load_predictor, predict
@@ -128,6 +129,7 @@ def test_known_accuracy_on_a_fixed_test_slice(test_slice):
     assert ensemble_nll < member_nll.min()  # and better calibrated than its best member
 
 
+@pytest.mark.slow
 def test_gendd_teacher_known_accuracy_on_a_fixed_test_slice(test_slice):
     from utils.predict import load_predictor, predict
 

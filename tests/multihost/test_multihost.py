@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
@@ -39,6 +40,7 @@ def launch(out_dir, num_processes, devices_per_process):
     return outputs
 
 
+@pytest.mark.slow
 def test_two_hosts_match_one(tmp_path):
     multi = launch(tmp_path / "multi", num_processes=2, devices_per_process=2)
     assert any("process 1 of 2: 4 devices" in out for out in multi)

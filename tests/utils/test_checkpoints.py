@@ -1,0 +1,204 @@
+"""Tests of utils/checkpoints.py: exports (arrays + sidecar) written and read back, their errors,
+finding an export from a run directory, the ResNet export, and RunCheckpoints (latest and best)."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from utils.checkpoints import (SIDECAR, RunCheckpoints, find_export, load_export, load_resnet,
+                               read_sidecar, resnet_export, save_export, save_resnet)
+from utils.errors import UserError
+
+
+def nested_arrays(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"params": {"dense": {"kernel": rng.normal(size=(3, 4)).astype(np.float32),
+                                 "bias": rng.normal(size=(4,)).astype(np.float32)},
+                       "scale": np.float32(rng.normal())},
+            "counts": np.arange(5, dtype=np.int32)}
+
+
+def assert_trees_equal(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert np.asarray(a).dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(a, b)
+
+
+# -------------------------------------------------------------------------------- exports
+
+
+def test_export_round_trip(tmp_path):
+    directory = str(tmp_path / "export")
+    arrays = nested_arrays()
+    sidecar = {"kind": "thing", "seed": 7, "val": {"nll": np.float32(0.25)}, "names": ["a", "b"]}
+    save_export(directory, arrays, sidecar)
+    with open(os.path.join(directory, SIDECAR)) as f:  # plain JSON on disk, NumPy scalars as floats
+        on_disk = json.load(f)
+    assert on_disk == {"kind": "thing", "seed": 7, "val": {"nll": 0.25}, "names": ["a", "b"]}
+    loaded, read_back = load_export(directory)
+    assert read_back == on_disk
+    assert_trees_equal(loaded, arrays)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(loaded))
+    loaded, _ = load_export(directory, kind="thing")
+    assert_trees_equal(loaded, arrays)
+    assert read_sidecar(directory, kind="thing") == on_disk
+
+
+def test_save_export_accepts_jax_arrays_and_refuses_to_overwrite(tmp_path):
+    directory = str(tmp_path / "export")
+    arrays = jax.tree.map(jax.numpy.asarray, nested_arrays(1))
+    save_export(directory, arrays, {"kind": "thing"})
+    with pytest.raises(UserError, match="already holds an exported model"):
+        save_export(directory, nested_arrays(2), {"kind": "other"})
+    loaded, sidecar = load_export(directory)  # the first export is intact
+    assert sidecar == {"kind": "thing"}
+    assert_trees_equal(loaded, nested_arrays(1))
+
+
+def test_read_sidecar_errors_name_the_path(tmp_path):
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    with pytest.raises(UserError, match="is missing") as error:
+        read_sidecar(str(missing))
+    assert str(missing) in str(error.value)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / SIDECAR).write_text('{"kind": "thing",')
+    with pytest.raises(UserError, match="corrupt") as error:
+        read_sidecar(str(corrupt))
+    assert str(corrupt / SIDECAR) in str(error.value)
+    save_export(str(tmp_path / "ok"), {"x": np.zeros(2)}, {"kind": "swag"})
+    with pytest.raises(UserError) as error:
+        read_sidecar(str(tmp_path / "ok"), kind="resnet")
+    message = str(error.value)
+    assert str(tmp_path / "ok" / SIDECAR) in message and "'swag'" in message and "'resnet'" in message
+    with pytest.raises(UserError, match="'resnet'"):
+        load_export(str(tmp_path / "ok"), kind="resnet")
+
+
+def test_load_export_with_missing_arrays_is_a_user_error(tmp_path):
+    directory = tmp_path / "half"
+    directory.mkdir()
+    (directory / SIDECAR).write_text('{"kind": "thing"}')
+    with pytest.raises(UserError, match="cannot read the arrays") as error:
+        load_export(str(directory))
+    assert str(directory) in str(error.value)
+
+
+def test_find_export(tmp_path):
+    run = tmp_path / "runs" / "run1"
+    save_export(str(run / "model"), {"x": np.ones(2)}, {"kind": "thing"})
+    assert find_export(str(run / "model")) == str(run / "model")  # the export itself
+    assert find_export(str(run)) == os.path.join(str(run), "model")  # a run directory
+    save_export(str(tmp_path / "runs" / "run2" / "model"), {"x": np.ones(2)}, {"kind": "thing"})
+    with pytest.raises(UserError, match="several runs") as error:
+        find_export(str(tmp_path / "runs"), "teacher_dir")
+    assert str(error.value).startswith("teacher_dir ")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for path in (empty, tmp_path / "does-not-exist"):
+        with pytest.raises(UserError, match="no exported model there") as error:
+            find_export(str(path), "student")
+        assert str(error.value).startswith(f"student {path}")
+
+
+# ----------------------------------------------------------------------------- ResNet export
+
+
+@pytest.mark.parametrize("norm", ["frn", "bn"])
+def test_resnet_export_round_trip_gives_the_same_logits(tmp_path, norm):
+    from models.resnet import ResNet
+
+    model = ResNet(num_classes=3, depth=8, width=1, planes=4, norm=norm, activation="relu",
+                   pixel_mean=(0.5,), pixel_std=(0.25,))
+    images = jax.random.uniform(jax.random.PRNGKey(0), (5, 12, 12, 1))
+    variables = dict(model.init(jax.random.PRNGKey(1), images))
+    params = variables.pop("params")
+    # non-trivial statistics, so that a lost model_state would change the logits
+    model_state = jax.tree.map(lambda x: x + 0.3 * np.random.default_rng(2).uniform(size=x.shape)
+                               .astype(np.float32), variables)
+    expected = model.apply({"params": params, **model_state}, images)
+
+    arrays, sidecar = resnet_export(model, params, model_state)
+    assert sidecar["kind"] == "resnet" and sidecar["num_classes"] == 3
+    json.dumps(sidecar)  # JSON-able as it is
+
+    directory = str(tmp_path / "model")
+    save_resnet(directory, model, params, model_state, seed=3, data_name="FashionMNIST_x28")
+    loaded_model, loaded_vars, loaded_sidecar = load_resnet(directory)
+    assert loaded_sidecar["seed"] == 3 and loaded_sidecar["data_name"] == "FashionMNIST_x28"
+    assert (loaded_model.depth, loaded_model.width, loaded_model.planes, loaded_model.norm) == (8, 1, 4, norm)
+    assert loaded_model.pixel_mean == (0.5,) and loaded_model.pixel_std == (0.25,)
+    np.testing.assert_allclose(loaded_model.apply(loaded_vars, images), expected, rtol=1e-6, atol=1e-6)
+    if norm == "bn":
+        init_stats = model.apply({"params": params, **variables}, images)
+        assert np.abs(np.asarray(init_stats) - np.asarray(expected)).max() > 1e-4
+    with pytest.raises(UserError, match="expected a 'resnet'"):
+        save_export(str(tmp_path / "other"), {"x": np.ones(1)}, {"kind": "edfm"})
+        load_resnet(str(tmp_path / "other"))
+
+
+# --------------------------------------------------------------------------- RunCheckpoints
+
+
+def state_at(step):
+    return {"w": np.full((3,), float(step), np.float32), "step": np.asarray(step, np.int32)}
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_run_checkpoints_latest_and_best(tmp_path, mode):
+    scores = {1: 0.5, 2: 0.2, 3: float("nan"), 4: 0.9, 5: 0.4}
+    finite = {s: v for s, v in scores.items() if np.isfinite(v)}
+    best_step = (min if mode == "min" else max)(finite, key=finite.get)
+    checkpoints = RunCheckpoints(str(tmp_path / "run"), keep=2, best_mode=mode)
+    like = state_at(0)
+    assert checkpoints.restore_latest(like) is None and checkpoints.restore_best(like) is None
+    for step, score in scores.items():
+        checkpoints.save(step, state_at(step), {"step": step, "score": score if step != 3 else None},
+                         score=score)
+    checkpoints.wait()
+    state, meta = checkpoints.restore_latest(like)
+    assert meta == {"step": 5, "score": 0.4}
+    assert_trees_equal(state, state_at(5))
+    state, meta = checkpoints.restore_best(like)
+    assert meta["step"] == best_step
+    assert_trees_equal(state, state_at(best_step))
+    checkpoints.close()
+    # only the last `keep` latest checkpoints and the one best remain on disk
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4", "5"]
+    assert os.listdir(tmp_path / "run" / "best") == [str(best_step)]
+    # a new manager on the same directory (a resumed run) finds them
+    again = RunCheckpoints(str(tmp_path / "run"), keep=2, best_mode=mode)
+    assert again.restore_latest(like)[1]["step"] == 5
+    assert again.restore_best(like)[1]["step"] == best_step
+    again.close()
+
+
+def test_non_finite_score_is_never_the_best(tmp_path):
+    checkpoints = RunCheckpoints(str(tmp_path / "run"), best_mode="min")
+    checkpoints.save(1, state_at(1), {"step": 1}, score=float("nan"))
+    checkpoints.save(2, state_at(2), {"step": 2}, score=float("-inf"))  # would win "min"
+    checkpoints.wait()
+    assert checkpoints.restore_best(state_at(0)) is None
+    assert checkpoints.restore_latest(state_at(0))[1] == {"step": 2}
+    checkpoints.save(3, state_at(3), {"step": 3}, score=1.0)
+    checkpoints.save(4, state_at(4), {"step": 4}, score=float("inf"))
+    checkpoints.save(5, state_at(5), {"step": 5})  # no score: latest only
+    checkpoints.wait()
+    state, meta = checkpoints.restore_best(state_at(0))
+    assert meta == {"step": 3}
+    assert_trees_equal(state, state_at(3))
+    assert checkpoints.restore_latest(state_at(0))[1] == {"step": 5}
+    checkpoints.close()
+
+
+def test_restore_into_another_structure_is_a_user_error(tmp_path):
+    checkpoints = RunCheckpoints(str(tmp_path / "run"))
+    checkpoints.save(1, state_at(1), {"step": 1})
+    checkpoints.wait()
+    with pytest.raises(UserError, match="does not match this run"):
+        checkpoints.restore_latest({"other": np.zeros((2, 2), np.float32)})
+    checkpoints.close()
