@@ -165,7 +165,8 @@ def edfm_run(tmp_path_factory, writers):
         assert not (root / "bad").exists()
         edfm.main(common + ["--save", str(root / "run")])
         yield {"root": root, "run": root / "run", "backbone_params": jax.tree.map(np.asarray, params),
-               "meshes": meshes, "test_images": arrays["test_images"][..., None]}
+               "meshes": meshes, "test_images": arrays["test_images"][..., None],
+               "test_labels": arrays["test_labels"]}
 
 
 @pytest.mark.slow
@@ -181,6 +182,21 @@ def test_run_trains_two_steps_on_two_devices_and_exports(edfm_run):
     test = records[-1]
     assert {"test/EDFM (4)/acc", "test/KD backbone/nll", "test/Teacher (1x3)/ece",
             "test/EDFM (4)/kl_to_teacher"} <= set(test)
+    # The table is utils/evaluation.py's, the code evaluate.py runs: recomputed from the export
+    # with the same predictors and key, every number agrees.
+    from data.datasets import Split
+    from utils.evaluation import default_key, test_table
+    from utils.teachers import teacher_predictor
+
+    images = edfm_run["test_images"]
+    labels = np.asarray(edfm_run["test_labels"], np.int32)
+    predictors = [teacher_predictor(str(edfm_run["root"] / "teachers"), 3, 3),
+                  edfm.load_predictor(str(run / "model"), num_members=4, seed=3)]
+    rows = test_table(predictors, Split(images, labels), batch_size=16, key=default_key(3),
+                      mesh=make_mesh(jax.devices()[:2]))
+    for name, row in rows.items():
+        for key in ("acc", "nll", "ece", "kl_to_teacher"):
+            assert test[f"test/{name}/{key}"] == pytest.approx(row[key], rel=1e-6, abs=1e-9), (name, key)
     sidecar = read_sidecar(str(run / "model"), kind="edfm")
     assert sidecar["head"] == {"hidden_size": 32, "time_embed_dim": 32, "num_blocks": 4, "noise_var": 4.0,
                                "droprate": 0.0, "time_scale": 1000.0}

@@ -116,16 +116,27 @@ def load_export(directory: str, kind: str | None = None):
     return jax.tree.map(np.asarray, arrays), sidecar
 
 
-def find_export(path: str, what: str = "model") -> str:
-    """The export directory that `path` names: the export itself, or a run directory's model/."""
+def find_exports(path: str) -> list[str]:
+    """The exports that `path` names: itself, its model/ (a run directory), or the model/ of
+    each run directory inside it (a folder of runs, e.g. MultiSWAG teachers); [] if none."""
     for directory in (path, os.path.join(path, "model")):
         if os.path.exists(os.path.join(directory, SIDECAR)):
-            return directory
-    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, d, "model", SIDECAR))
-                                   for d in os.listdir(path)):
+            return [directory]
+    if not os.path.isdir(path):
+        return []
+    return sorted(os.path.join(path, d, "model") for d in os.listdir(path)
+                  if os.path.exists(os.path.join(path, d, "model", SIDECAR)))
+
+
+def find_export(path: str, what: str = "model") -> str:
+    """The one export that `path` names: the export itself, or a run directory's model/."""
+    exports = find_exports(path)
+    if len(exports) > 1:
         raise UserError(f"{what} {path} holds several runs: give one run directory")
-    raise UserError(f"{what} {path}: no exported model there (expected {path}/{SIDECAR} or "
-                    f"{path}/model/{SIDECAR})")
+    if not exports:
+        raise UserError(f"{what} {path}: no exported model there (expected {path}/{SIDECAR} or "
+                        f"{path}/model/{SIDECAR})")
+    return exports[0]
 
 
 def resnet_export(model, params, model_state) -> tuple[dict, dict]:

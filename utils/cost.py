@@ -26,9 +26,10 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
+
+from data.augment import eval_images
 
 # Call-like primitives whose body runs once per call: name -> the param holding it.
 _CALL_BODIES = {
@@ -168,7 +169,7 @@ def predictor_cost(predictor, images_u8: np.ndarray, *, key=None, repeats: int =
     batch_size = int(images.shape[0])
 
     def call(args, images, key):
-        return predictor.member_logits(args, images.astype(jnp.float32) / 255.0, key)
+        return predictor.member_logits(args, eval_images(images), key)
 
     out = {"num_params": int(predictor.num_params), "num_members": int(predictor.num_members),
            "batch_size": batch_size}

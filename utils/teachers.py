@@ -29,7 +29,7 @@ import numpy as np
 
 from models.resnet import ResNet, resnet_from_spec
 from models.swag import low_rank_leaf, swag_std
-from utils.checkpoints import SIDECAR, load_export, read_sidecar
+from utils.checkpoints import SIDECAR, find_exports, load_export, read_sidecar
 from utils.errors import UserError
 
 TEACHER_KIND = "swag_teacher"
@@ -59,11 +59,7 @@ def find_teacher_runs(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise UserError(f"teacher folder {folder} does not exist; train teachers with sgd_swag.py "
                         f"or point teacher_dir at checkpoints_teacher/<data>")
-    for export in (folder, os.path.join(folder, "model")):
-        if os.path.exists(os.path.join(export, SIDECAR)):
-            return [export]
-    runs = sorted(os.path.join(folder, d, "model") for d in os.listdir(folder)
-                  if os.path.exists(os.path.join(folder, d, "model", SIDECAR)))
+    runs = find_exports(folder)
     if not runs:
         raise UserError(f"no teacher run in {folder}: expected <run>/model/{SIDECAR} written by sgd_swag.py")
     return runs

@@ -115,12 +115,12 @@ def test_resnet_export_round_trip_gives_the_same_logits(tmp_path, norm):
     model = ResNet(num_classes=3, depth=8, width=1, planes=4, norm=norm, activation="relu",
                    pixel_mean=(0.5,), pixel_std=(0.25,))
     images = jax.random.uniform(jax.random.PRNGKey(0), (5, 12, 12, 1))
-    variables = dict(model.init(jax.random.PRNGKey(1), images))
+    variables = dict(jax.jit(model.init)(jax.random.PRNGKey(1), images))
     params = variables.pop("params")
     # non-trivial statistics, so that a lost model_state would change the logits
     model_state = jax.tree.map(lambda x: x + 0.3 * np.random.default_rng(2).uniform(size=x.shape)
                                .astype(np.float32), variables)
-    expected = model.apply({"params": params, **model_state}, images)
+    expected = jax.jit(model.apply)({"params": params, **model_state}, images)
 
     arrays, sidecar = resnet_export(model, params, model_state)
     assert sidecar["kind"] == "resnet" and sidecar["num_classes"] == 3
@@ -132,9 +132,9 @@ def test_resnet_export_round_trip_gives_the_same_logits(tmp_path, norm):
     assert loaded_sidecar["seed"] == 3 and loaded_sidecar["data_name"] == "FashionMNIST_x28"
     assert (loaded_model.depth, loaded_model.width, loaded_model.planes, loaded_model.norm) == (8, 1, 4, norm)
     assert loaded_model.pixel_mean == (0.5,) and loaded_model.pixel_std == (0.25,)
-    np.testing.assert_allclose(loaded_model.apply(loaded_vars, images), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(loaded_model.apply)(loaded_vars, images), expected, rtol=1e-6, atol=1e-6)
     if norm == "bn":
-        init_stats = model.apply({"params": params, **variables}, images)
+        init_stats = jax.jit(model.apply)({"params": params, **variables}, images)
         assert np.abs(np.asarray(init_stats) - np.asarray(expected)).max() > 1e-4
     with pytest.raises(UserError, match="expected a 'resnet'"):
         save_export(str(tmp_path / "other"), {"x": np.ones(1)}, {"kind": "edfm"})
