@@ -16,8 +16,9 @@ Per training step, all inside the one jitted step:
    `frozen` and is never differentiated (fixes the wasted backward pass of [Q15]);
 4. the flow-matching loss of models/flow_matching.py (time density ∝ b^t, path std `noise_var`,
    sum over classes of |v − u|^p, masked mean over the batch).
-Only the head is trained: SGD with coupled L2 (`optim_base: sgd`) or AdamW (`adam`), a cosine
-schedule, optionally an EMA of the head (created after the backbone is loaded, fixing [Q7]).
+Only the head is trained: SGD with coupled L2 (`optim: sgd`; the reference's key `optim_base` is an
+alias) or AdamW (`adam`), a cosine schedule, optionally an EMA of the head (created after the
+backbone is loaded, fixing [Q7]).
 Each epoch validates a `num_ensembles`-member ensemble (mean of member softmaxes) and a single
 member; the best epoch by validation NLL is exported to `<run>/model/` (kind "edfm": head and
 backbone arrays, a sidecar with everything `load_predictor` needs). The run ends with a test-set

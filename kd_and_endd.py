@@ -16,8 +16,8 @@ the SWAG noise of all layers is one RNG call (utils.teachers.sample_teacher_logi
   example; `endd_broadcast_bug: true` reproduces the reference's broadcast [Q6]. t_offset is
   accepted and unused, as in the reference [Q5].
 
-Optimizer: SGD with momentum and L2 added to the gradient (utils/optim.sgd_l2), linear warm-up
-from warmup_factor·lr over `warmup_steps` optimizer steps, then a cosine to 0 (warmup_cosine).
+Optimizer (utils/optim.make_optimizer): SGD with momentum and L2 added to the gradient, linear
+warm-up from warmup_factor·lr over `warmup_steps` optimizer steps, then a cosine to 0.
 Losses are masked means over the real rows of a batch (the reference's are unmasked; its
 training batches are never padded, so nothing changes there).
 

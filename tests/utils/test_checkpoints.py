@@ -108,6 +108,20 @@ def test_find_export(tmp_path):
 # ----------------------------------------------------------------------------- ResNet export
 
 
+def random_variables(model, images, seed):
+    """Random variables of the model's structure (eval_shape: no slow initialisers run); BatchNorm
+    variances positive."""
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if "var" in jax.tree_util.keystr(path):
+            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+        return (0.5 * rng.normal(size=leaf.shape)).astype(np.float32)
+
+    return dict(jax.tree_util.tree_map_with_path(fill, shapes))
+
+
 @pytest.mark.parametrize("norm", ["frn", "bn"])
 def test_resnet_export_round_trip_gives_the_same_logits(tmp_path, norm):
     from models.resnet import ResNet
@@ -115,12 +129,11 @@ def test_resnet_export_round_trip_gives_the_same_logits(tmp_path, norm):
     model = ResNet(num_classes=3, depth=8, width=1, planes=4, norm=norm, activation="relu",
                    pixel_mean=(0.5,), pixel_std=(0.25,))
     images = jax.random.uniform(jax.random.PRNGKey(0), (5, 12, 12, 1))
-    variables = dict(jax.jit(model.init)(jax.random.PRNGKey(1), images))
+    variables = random_variables(model, images, 1)
     params = variables.pop("params")
-    # non-trivial statistics, so that a lost model_state would change the logits
-    model_state = jax.tree.map(lambda x: x + 0.3 * np.random.default_rng(2).uniform(size=x.shape)
-                               .astype(np.float32), variables)
-    expected = jax.jit(model.apply)({"params": params, **model_state}, images)
+    model_state = variables  # {} for FRN, {"batch_stats": ...} for BatchNorm
+    apply = jax.jit(model.apply)
+    expected = apply({"params": params, **model_state}, images)
 
     arrays, sidecar = resnet_export(model, params, model_state)
     assert sidecar["kind"] == "resnet" and sidecar["num_classes"] == 3
@@ -130,14 +143,15 @@ def test_resnet_export_round_trip_gives_the_same_logits(tmp_path, norm):
     save_resnet(directory, model, params, model_state, seed=3, data_name="FashionMNIST_x28")
     loaded_model, loaded_vars, loaded_sidecar = load_resnet(directory)
     assert loaded_sidecar["seed"] == 3 and loaded_sidecar["data_name"] == "FashionMNIST_x28"
-    assert (loaded_model.depth, loaded_model.width, loaded_model.planes, loaded_model.norm) == (8, 1, 4, norm)
-    assert loaded_model.pixel_mean == (0.5,) and loaded_model.pixel_std == (0.25,)
-    np.testing.assert_allclose(jax.jit(loaded_model.apply)(loaded_vars, images), expected, rtol=1e-6, atol=1e-6)
-    if norm == "bn":
-        init_stats = jax.jit(model.apply)({"params": params, **variables}, images)
-        assert np.abs(np.asarray(init_stats) - np.asarray(expected)).max() > 1e-4
+    assert loaded_model == model  # the same architecture, rebuilt from the sidecar alone
+    assert_trees_equal(loaded_vars, {"params": params, **model_state})
+    np.testing.assert_allclose(jax.jit(loaded_model.apply)(loaded_vars, images), expected,
+                               rtol=1e-6, atol=1e-6)
+    if norm == "bn":  # the statistics matter: other ones give other logits
+        other = jax.tree.map(lambda x: x * 1.5, model_state)
+        assert np.abs(np.asarray(apply({"params": params, **other}, images)) - expected).max() > 1e-4
+    save_export(str(tmp_path / "other"), {"x": np.ones(1)}, {"kind": "edfm"})
     with pytest.raises(UserError, match="expected a 'resnet'"):
-        save_export(str(tmp_path / "other"), {"x": np.ones(1)}, {"kind": "edfm"})
         load_resnet(str(tmp_path / "other"))
 
 
