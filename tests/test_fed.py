@@ -1,5 +1,5 @@
-"""Tests of FED: the biased RBF MMD² (models/losses.py), the noise-injected generator's members,
-the config, and fed.py end to end on generated Fashion-MNIST-shaped data."""
+"""Tests of FED: the noise-injected generator's members, the config, and fed.py end to end on
+generated Fashion-MNIST-shaped data (its MMD² loss: tests/models/test_losses.py)."""
 import json
 import os
 

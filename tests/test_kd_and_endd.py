@@ -1,5 +1,5 @@
-"""Tests of the KD / ProxyEnDD losses (models/losses.py), the balanced teacher draw
-(utils/teachers.py) and kd_and_endd.py end to end on generated Fashion-MNIST-shaped data."""
+"""Tests of kd_and_endd.py: the balanced teacher draw it uses (utils/teachers.py), its config, and
+the script end to end on generated Fashion-MNIST-shaped data (the losses: tests/models/test_losses.py)."""
 import json
 import os
 
