@@ -7,8 +7,11 @@ A run directory holds
 An export's sidecar says what the arrays are (kind, architecture, data set, classes, seed,
 metrics), so a teacher run or a student loads without its training config.
 """
+import fcntl
+import hashlib
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -77,17 +80,45 @@ class RunCheckpoints:
         self.best.close()
 
 
-def save_export(directory: str, arrays, sidecar: dict):
-    """Write arrays (a dict pytree) and a JSON sidecar; refuses to overwrite an export."""
-    if os.path.exists(os.path.join(directory, SIDECAR)):
+def array_hashes(arrays) -> dict:
+    """{leaf path: SHA-256 of its dtype, shape and bytes}: what an export's sidecar records."""
+    hashes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(arrays)[0]:
+        leaf = np.ascontiguousarray(leaf)
+        digest = hashlib.sha256(f"{leaf.dtype.str}{leaf.shape}".encode())
+        digest.update(leaf.tobytes())
+        hashes[jax.tree_util.keystr(path)] = digest.hexdigest()
+    return hashes
+
+
+def save_export(directory: str, arrays, sidecar: dict, replace: bool = False):
+    """Write arrays (a dict pytree) and a JSON sidecar holding their hashes, atomically: into a
+    temporary directory renamed into place once complete, so `directory` never holds half an
+    export. An existing export is refused, unless `replace` (a run that trained further), in
+    which case it is swapped out only once the new one is complete."""
+    directory = os.path.abspath(directory)
+    exists = os.path.exists(os.path.join(directory, SIDECAR))
+    if exists and not replace:
         raise UserError(f"{directory} already holds an exported model; not overwriting it")
-    os.makedirs(directory, exist_ok=True)
     arrays = jax.tree.map(np.asarray, arrays)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(os.path.join(directory, "arrays")), arrays)
-    # The sidecar is written last, so its presence marks a complete export.
-    with open(os.path.join(directory, SIDECAR), "w") as f:
-        json.dump(sidecar, f, indent=1, default=float)
+    partial = f"{directory}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        os.makedirs(partial)
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(partial, "arrays"), arrays)
+        with open(os.path.join(partial, SIDECAR), "w") as f:
+            json.dump({**sidecar, "array_sha256": array_hashes(arrays)}, f, indent=1, default=float)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"cannot write the export {directory}: {error.strerror or error}") from None
+    if os.path.isdir(directory):  # a complete export being replaced, or a leftover without a sidecar
+        old = f"{directory}.old-{os.getpid()}"
+        os.replace(directory, old)
+        os.replace(partial, directory)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, directory)
 
 
 def read_sidecar(directory: str, kind: str | None = None) -> dict:
@@ -105,7 +136,8 @@ def read_sidecar(directory: str, kind: str | None = None) -> dict:
 
 
 def load_export(directory: str, kind: str | None = None):
-    """(arrays as NumPy, sidecar) of an export written by `save_export`."""
+    """(arrays as NumPy, sidecar) of an export written by `save_export`, checked against the
+    hashes its sidecar records (exports written before hashes were recorded load unchecked)."""
     sidecar = read_sidecar(directory, kind)
     path = os.path.abspath(os.path.join(directory, "arrays"))
     try:
@@ -113,7 +145,42 @@ def load_export(directory: str, kind: str | None = None):
             arrays = checkpointer.restore(path)
     except Exception as error:
         raise UserError(f"cannot read the arrays of {directory}: {str(error).splitlines()[0][:200]}") from None
-    return jax.tree.map(np.asarray, arrays), sidecar
+    arrays = jax.tree.map(np.asarray, arrays)
+    expected = sidecar.get("array_sha256")
+    if expected is not None:
+        found = array_hashes(arrays)
+        for name in sorted(set(expected) | set(found)):
+            if expected.get(name) != found.get(name):
+                raise UserError(f"{directory} is corrupt: array {name} does not match the hash in "
+                                f"its {SIDECAR} (files changed after the export was written)")
+    return arrays, sidecar
+
+
+class RunLock:
+    """One process per run directory: an OS lock on <run>/.lock, released when the process
+    ends, however it ends. Taken by the first host only (the others write no files)."""
+
+    def __init__(self, run_dir: str):
+        self.file = None
+        if jax.process_index() != 0:
+            return
+        self.file = open(os.path.join(run_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{run_dir} is in use by {holder}; one process per run directory") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"process {os.getpid()}")
+        self.file.flush()
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing drops the lock
+            self.file = None
 
 
 def find_exports(path: str) -> list[str]:

@@ -217,7 +217,9 @@ def parse_config(cls, argv):
         saved = os.path.join(str(resume), CONFIG_FILE)
         if not os.path.exists(saved):
             raise UserError(f"--resume {resume}: no {CONFIG_FILE} there, so it is not a run directory")
-        values.update(_canonical(cls, _read_yaml(saved), saved))
+        # The run is where it is now: a copied run directory resumes with --resume NEW alone.
+        values.update({k: v for k, v in _canonical(cls, _read_yaml(saved), saved).items()
+                       if k not in ("save", "resume")})
     if "config" in cli:
         path = cli.pop("config")
         values.update(_canonical(cls, _read_yaml(path), path))
@@ -237,10 +239,12 @@ def save_config(config, run_dir):
     return path
 
 
-def prepare_run_dir(config, script_name: str) -> str:
+def prepare_run_dir(config, script_name: str, write_config: bool = True) -> str:
     """The run directory: `--resume DIR` continues DIR; a fresh `--save DIR` must be empty.
 
     Refuses, touching nothing, to start a fresh run in a directory that already holds one.
+    With write_config=False the caller saves the config itself (the trainer's driver does so
+    only once a resumed run's checkpoint has been read, so a refused resume changes nothing).
     """
     if config.resume:
         if config.save and os.path.abspath(config.save) != os.path.abspath(config.resume):
@@ -249,10 +253,16 @@ def prepare_run_dir(config, script_name: str) -> str:
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = config.save or os.path.join("runs", script_name, config.exp_name or stamp)
-        if os.path.isdir(run_dir) and os.listdir(run_dir):
+        if os.path.isfile(run_dir):
+            raise UserError(f"--save {run_dir} is a file, not a directory")
+        if os.path.isdir(run_dir) and set(os.listdir(run_dir)) - {".lock"}:
             raise UserError(f"run directory {run_dir} already holds a run; pass --resume {run_dir} "
                             f"to continue it, or choose another --save")
-        os.makedirs(run_dir, exist_ok=True)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create the run directory {run_dir}: {error.strerror}") from None
     config.save = run_dir
-    save_config(config, run_dir)
+    if write_config:
+        save_config(config, run_dir)
     return run_dir

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 
 from data.datasets import load_dataset
-from utils.checkpoints import SIDECAR, save_export
-from utils.config import parse_config, prepare_run_dir
+from utils.checkpoints import SIDECAR, RunLock, save_export
+from utils.config import parse_config, prepare_run_dir, save_config
 from utils.errors import UserError, cli_main
 from utils.evaluation import default_key, format_test_table, test_table
 from utils.method import Method, Run
@@ -82,7 +82,20 @@ def train(method: Method, config, mesh=None) -> str:
     dataset = load_data(config)
     run = method.build(config, dataset)
     check_select_metric(run, dataset)
-    run_dir = prepare_run_dir(config, method.name)  # after every input check: bad input leaves nothing
+    # After every input check, so bad input leaves nothing; one process per run directory. The
+    # config is written once a resumed run's checkpoint has been read (fit's on_start).
+    run_dir = prepare_run_dir(config, method.name, write_config=False)
+    lock = RunLock(run_dir)
+    try:
+        fit_and_export(method, config, run, dataset, run_dir, mesh)
+    finally:
+        lock.release()
+    return run_dir
+
+
+def fit_and_export(method: Method, config, run: Run, dataset, run_dir: str, mesh=None):
+    """The trainer over the run (resuming when the directory holds a checkpoint), the export of
+    the state selected on validation, and the optional test table."""
     trainer = Trainer.for_run(run_dir, config, optimizer=run.optimizer, lr_schedule=run.lr_schedule,
                               loss_fn=run.loss_fn, eval_fn=run.eval_fn, mesh=mesh,
                               select_metric=run.select_metric, select_mode=run.select_mode,
@@ -91,15 +104,18 @@ def train(method: Method, config, mesh=None) -> str:
     if run.summary:
         print(run.summary)
     val = dataset.val if run.val is None else run.val
-    state = trainer.fit(run.state, dataset.train, val, run.frozen)
+    state = trainer.fit(run.state, dataset.train, val, run.frozen,
+                        on_start=lambda epoch: save_config(config, run_dir))
 
+    # Export when there is none yet, or re-select and re-export when this call trained further.
     export_dir = os.path.join(run_dir, "model")
-    if not os.path.exists(os.path.join(export_dir, SIDECAR)):
+    exported = os.path.exists(os.path.join(export_dir, SIDECAR))
+    if not exported or trainer.trained_epochs:
         selected, val_metrics = trainer.selected(state)
         arrays, sidecar = run.export(selected, val_metrics)
         save_export(export_dir, arrays, {**sidecar, "data_name": config.data_name,
                                          "seed": config.seed, "trained_by": method.script,
-                                         "val": val_metrics})
+                                         "val": val_metrics}, replace=exported)
         if run.select_metric is not None:
             print(f"selected epoch {val_metrics.get('epoch')}: validation {run.select_metric} "
                   f"{val_metrics.get(run.select_metric)}")
@@ -113,7 +129,6 @@ def train(method: Method, config, mesh=None) -> str:
         print(format_test_table(rows, f"test set of {config.data_name} ({len(dataset.test)} images)"))
         trainer.logger.log({f"test/{name}/{k}": v for name, row in rows.items() for k, v in row.items()})
     trainer.logger.close()
-    return run_dir
 
 
 def train_main(method: Method):

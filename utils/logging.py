@@ -49,6 +49,21 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record.get("step"))
 
+    def drop_after_epoch(self, epoch: int):
+        """Forget the records of epochs after `epoch` (logged before a kill, but never
+        checkpointed), so a resumed run's metrics.jsonl holds each epoch once."""
+        import jax
+
+        if jax.process_index() != 0 or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
+        if len(kept) < len(lines):
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+
     def close(self):
         if self.wandb_run is not None:
             self.wandb_run.finish()

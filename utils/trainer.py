@@ -240,8 +240,12 @@ class Trainer:
         return best, {"epoch": meta.get("epoch"),
                       **{k[4:]: v for k, v in meta.items() if k.startswith("val/")}}
 
-    def fit(self, state: TrainState, train, val, frozen=None) -> TrainState:
-        """Train from `state`, or from the run's latest checkpoint when there is one."""
+    def fit(self, state: TrainState, train, val, frozen=None, on_start=None) -> TrainState:
+        """Train from `state`, or from the run's latest checkpoint when there is one.
+
+        `on_start(start_epoch)` runs once the checkpoint (if any) has been read, before the
+        first step: a run whose resume fails has changed nothing. `self.trained_epochs` says
+        how many epochs this call trained."""
         start_epoch = 0
         restored = self.checkpoints.restore_latest(state)
         if restored is not None:
@@ -249,6 +253,10 @@ class Trainer:
             start_epoch = meta["epoch"]
             self.last_val = {k[4:]: v for k, v in meta.items() if k.startswith("val/")}
             print(f"resuming {self.run_dir} from epoch {start_epoch} (step {int(state.step)})")
+        self.logger.drop_after_epoch(start_epoch)
+        self.trained_epochs = max(self.num_epochs - start_epoch, 0)
+        if on_start is not None:
+            on_start(start_epoch)
         state = put_replicated(state, self.mesh)
         frozen = put_replicated(frozen, self.mesh)
         images = to_global(train.images, replicated(self.mesh))

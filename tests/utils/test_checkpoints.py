@@ -37,7 +37,11 @@ def test_export_round_trip(tmp_path):
     save_export(directory, arrays, sidecar)
     with open(os.path.join(directory, SIDECAR)) as f:  # plain JSON on disk, NumPy scalars as floats
         on_disk = json.load(f)
+    hashes = on_disk.pop("array_sha256")
     assert on_disk == {"kind": "thing", "seed": 7, "val": {"nll": 0.25}, "names": ["a", "b"]}
+    assert sorted(hashes) == sorted(jax.tree_util.keystr(p) for p, _ in
+                                    jax.tree_util.tree_flatten_with_path(arrays)[0])
+    on_disk["array_sha256"] = hashes
     loaded, read_back = load_export(directory)
     assert read_back == on_disk
     assert_trees_equal(loaded, arrays)
@@ -54,8 +58,47 @@ def test_save_export_accepts_jax_arrays_and_refuses_to_overwrite(tmp_path):
     with pytest.raises(UserError, match="already holds an exported model"):
         save_export(directory, nested_arrays(2), {"kind": "other"})
     loaded, sidecar = load_export(directory)  # the first export is intact
-    assert sidecar == {"kind": "thing"}
+    assert sidecar["kind"] == "thing"
     assert_trees_equal(loaded, nested_arrays(1))
+
+
+def test_changed_arrays_are_reported_as_corrupt(tmp_path):
+    """Arrays rewritten under an export (random bytes, another model's values) no longer match
+    the hashes its sidecar recorded: loading names the export and the array."""
+    import orbax.checkpoint as ocp
+
+    directory = tmp_path / "export"
+    save_export(str(directory), nested_arrays(1), {"kind": "thing"})
+    tampered = nested_arrays(1)
+    tampered["counts"] = tampered["counts"] + 1  # one array, changed
+    import shutil
+
+    shutil.rmtree(directory / "arrays")
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(str(directory / "arrays"), tampered)
+    with pytest.raises(UserError, match=r"is corrupt: array \['counts'\]"):
+        load_export(str(directory))
+
+
+def test_a_failed_export_leaves_nothing_and_replace_is_atomic(tmp_path, monkeypatch):
+    import utils.checkpoints as checkpoints
+
+    directory = tmp_path / "run" / "model"
+    save_export(str(directory), nested_arrays(1), {"kind": "thing", "n": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:  # the sidecar cannot be written: the old export stays
+        patch.setattr(checkpoints.json, "dump", full_disk)
+        with pytest.raises(UserError, match="No space left on device"):
+            save_export(str(directory), nested_arrays(2), {"kind": "thing", "n": 2}, replace=True)
+    assert sorted(os.listdir(tmp_path / "run")) == ["model"]
+    assert load_export(str(directory))[1]["n"] == 1
+    save_export(str(directory), nested_arrays(2), {"kind": "thing", "n": 2}, replace=True)
+    loaded, sidecar = load_export(str(directory))
+    assert sidecar["n"] == 2 and sorted(os.listdir(tmp_path / "run")) == ["model"]
+    assert_trees_equal(loaded, nested_arrays(2))
 
 
 def test_read_sidecar_errors_name_the_path(tmp_path):
