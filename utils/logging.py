@@ -18,6 +18,35 @@ def format_metrics(metrics: dict, digits: int = 4) -> str:
                      for k, v in metrics.items())
 
 
+class _PlainProgress:
+    """Progress without a terminal: one plain line every `every` items (no carriage returns)."""
+
+    def __init__(self, iterable, desc: str, total: int, every: int):
+        self.iterable, self.desc, self.total, self.every = iterable, desc, total, every
+        self.postfix = ""
+
+    def set_postfix(self, **values):
+        self.postfix = "  " + "  ".join(f"{k}={v}" for k, v in values.items())
+
+    def __iter__(self):
+        for count, item in enumerate(self.iterable, start=1):
+            yield item
+            if count % self.every == 0 or count == self.total:
+                print(f"{self.desc}: {count}/{self.total} ({100 * count // self.total}%){self.postfix}",
+                      file=sys.stderr, flush=True)
+
+
+def progress(iterable, desc: str, percent_step: int = 10):
+    """A progress bar over a sized iterable: tqdm on a terminal; elsewhere (a log file, CI) a
+    plain line every `percent_step` percent."""
+    total = len(iterable)
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, leave=False, total=total)
+    return _PlainProgress(iterable, desc, total, max(1, total * percent_step // 100))
+
+
 class RunLogger:
     def __init__(self, run_dir: str, config=None, use_wandb: bool = False, quiet: bool = False):
         self.path = os.path.join(run_dir, "metrics.jsonl")

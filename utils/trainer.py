@@ -28,11 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 from utils.checkpoints import RunCheckpoints
 from utils.errors import UserError
-from utils.logging import RunLogger
+from utils.logging import RunLogger, progress
 
 
 @flax.struct.dataclass
@@ -158,7 +157,7 @@ def map_batches(jitted_fn, args, images: np.ndarray, labels: np.ndarray, *, batc
     sharding = batch_sharded(mesh)
     outputs = []
     starts = range(0, num_examples, batch_size)
-    for batch_index, start in enumerate(tqdm(starts, desc=desc, leave=False, disable=desc is None)):
+    for batch_index, start in enumerate(starts if desc is None else progress(starts, desc)):
         stop = min(start + batch_size, num_examples)
         rows = np.concatenate([np.arange(start, stop), np.zeros(batch_size - (stop - start), np.int64)])
         batch = {"images": to_global(images[rows], sharding),
@@ -279,7 +278,7 @@ class Trainer:
     def _run_epoch(self, state, frozen, images, labels, num_examples, epoch):
         indices, masks = epoch_order(self.seed, epoch, num_examples, self.batch_size)
         sums, start = None, time.perf_counter()
-        bar = tqdm(range(len(indices)), desc=f"epoch {epoch + 1}/{self.num_epochs}", leave=False)
+        bar = progress(range(len(indices)), f"epoch {epoch + 1}/{self.num_epochs}")
         for i in bar:
             state, metrics = self._train_step(
                 state, frozen, images, labels, to_global(indices[i], batch_sharded(self.mesh)),

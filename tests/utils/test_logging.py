@@ -61,3 +61,19 @@ def test_format_metrics():
     assert format_metrics(metrics) == "step=7  loss=1235  acc=0.0001235  name=kd  ok=True"
     assert format_metrics({"x": 2.0 / 3.0}, digits=2) == "x=0.67"
     assert format_metrics({}) == ""
+
+
+def test_progress_without_a_terminal_is_a_plain_line_every_ten_percent(capsys):
+    """Under a log file or CI (stderr is not a terminal) progress is a few plain lines, not a
+    carriage-return update per step."""
+    from utils.logging import progress
+
+    bar = progress(range(50), "epoch 1/2")
+    seen = []
+    for i in bar:
+        seen.append(i)
+        bar.set_postfix(loss=f"{1.0 / (i + 1):.3g}")
+    assert seen == list(range(50))
+    lines = capsys.readouterr().err.splitlines()
+    assert "\r" not in "".join(lines) and len(lines) == 10
+    assert lines[0] == "epoch 1/2: 5/50 (10%)  loss=0.2" and lines[-1].startswith("epoch 1/2: 50/50 (100%)")
