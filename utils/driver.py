@@ -88,6 +88,9 @@ def train(method: Method, config, mesh=None) -> str:
     lock = RunLock(run_dir)
     try:
         fit_and_export(method, config, run, dataset, run_dir, mesh)
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; the checkpoints in {run_dir} are kept: continue with "
+                        f"python {method.script} --resume {run_dir}", exit_code=130) from None
     finally:
         lock.release()
     return run_dir

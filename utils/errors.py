@@ -8,8 +8,13 @@ class UserError(Exception):
     """Bad input from the person running a script (config, data, checkpoint).
 
     The message is one line that says what is wrong and, where it can, how to fix it.
-    Entry scripts catch it in `cli_main`, print it and exit with status 2.
+    Entry scripts catch it in `cli_main`, print it and exit with `exit_code` (2; 130 for an
+    interrupt, as a shell reports Ctrl-C).
     """
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def cli_main(main):
@@ -25,7 +30,10 @@ def cli_main(main):
             return main(sys.argv[1:] if argv is None else argv)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(error.exit_code) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapped
 

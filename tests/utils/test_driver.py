@@ -113,3 +113,20 @@ def test_one_process_per_run_directory(tiny_setup, tmp_path, capsys):
         holder.wait()
     _kd(tiny_setup, "--resume", str(run), "--optim_ne", "2")  # the lock died with its process
     assert _epochs(run) == [1, 2]
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(tiny_setup, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during training: exit 130 and one line naming the --resume command."""
+    from utils.trainer import Trainer
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    run = tmp_path / "kd"
+    with pytest.raises(SystemExit) as info:
+        _kd(tiny_setup, "--optim_ne", "1", "--save", str(run))
+    assert info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: interrupted; the checkpoints in {run} are kept: continue with "
+                   f"python kd_and_endd.py --resume {run}"]
