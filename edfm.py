@@ -53,13 +53,11 @@ HEAD_FIELDS = ("hidden_size", "time_embed_dim", "num_blocks", "noise_var", "drop
 @dataclasses.dataclass
 class EdfmConfig(StudentConfig):
     data_subname: Optional[str] = None  # the reference's c10/c100 tag; accepted, not used
-    teacher_dir: str = "checkpoints_teacher/fmnist"
     pretrained_resnet: str = "checkpoints_teacher/kd/fmnist"  # a KD run directory or its model/
     # Head (models.vector_field.AdaLNMLP)
     hidden_size: int = 256
     time_embed_dim: int = 32
     num_blocks: int = 4
-    num_classes: Optional[int] = None  # checked against the data set when given
     droprate: float = 0.0
     time_scale: float = 1000.0
     # Optimisation (head only): optim sgd (coupled L2, heavy-ball momentum) | adam (AdamW)
@@ -92,8 +90,6 @@ class EdfmConfig(StudentConfig):
                 raise UserError(f"config key {key} must be >= 1, got {getattr(self, key)}")
         if self.time_embed_dim % 2:
             raise UserError(f"time_embed_dim must be even, got {self.time_embed_dim}")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise UserError(f"num_classes must be >= 2 (or null), got {self.num_classes}")
         checks = {"noise_var": self.noise_var > 0, "train_time_exp_base": self.train_time_exp_base > 0,
                   "sample_time_exp_base": self.sample_time_exp_base > 0, "mse_power": self.mse_power > 0,
                   "time_scale": self.time_scale > 0,

@@ -53,11 +53,8 @@ FED_KIND = "fed"
 
 @dataclasses.dataclass
 class FedConfig(StudentConfig):
-    seed: int = 2025
-    teacher_dir: str = "checkpoints_teacher/fmnist"
     num_teachers: int = 8  # student copies and teacher SWAG samples per step
     num_ensembles: int = 8  # generator samples per image at validation (the reference: 1)
-    num_classes: Optional[int] = None  # taken from the data set; if given, it must match
     optim: str = "adam"  # adam (the reference) | sgd (momentum, L2 added to the gradient)
     optim_bs: int = 64
     optim_ne: int = 250
@@ -87,8 +84,6 @@ class FedConfig(StudentConfig):
             if epoch < 0 or scale <= 0:
                 raise UserError(f"optim_boundaries_and_scales maps epochs >= 0 to multipliers > 0, "
                                 f"got {epoch}: {scale}")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise UserError(f"num_classes must be >= 2, got {self.num_classes}")
 
 
 def generator_logits(model, variables, images, key, num_samples: int, train: bool = False):

@@ -46,9 +46,6 @@ KIND = "hydra"
 
 @dataclasses.dataclass
 class HydraConfig(StudentConfig):
-    seed: int = 2025
-    teacher_dir: str = "checkpoints_teacher/fmnist"
-    num_classes: Optional[int] = None  # taken from the data set; if given, it must match
     num_heads: int = 8  # M heads = M teacher members per step (member m from run m mod R)
     head_width: int = 64  # hidden units of each head; 0: a linear head
     optim_lr: float = 0.1

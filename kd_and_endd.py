@@ -61,10 +61,7 @@ PROXY_ENDD_KIND = "proxy_endd"
 @dataclasses.dataclass
 class DistillConfig(StudentConfig):
     baseline_method: str = "KD"  # KD | ProxyEnDD
-    seed: int = 2025
-    teacher_dir: str = "checkpoints_teacher/fmnist"
     num_teachers: int = 30  # teacher members (SWAG samples) per step, balanced over the runs
-    num_classes: Optional[int] = None  # taken from the data set; if given, it must match
     optim_lr: float = 0.1
     optim_weight_decay: float = 1e-3
     warmup_factor: float = 0.01
@@ -93,8 +90,6 @@ class DistillConfig(StudentConfig):
         for key, ok, rule in checks:
             if not ok:
                 raise UserError(f"config key {key} must be {rule}, got {getattr(self, key)}")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise UserError(f"num_classes must be >= 2, got {self.num_classes}")
 
 
 def make_loss_fn(model, teacher_model, config: DistillConfig):

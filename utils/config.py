@@ -108,9 +108,12 @@ class CommonConfig:
 
 @dataclasses.dataclass
 class StudentConfig(CommonConfig):
-    """Keys of the distillation students' input pipeline (data.augment.configured_pipeline), for
-    every script that trains a student on augmented images (KD/ProxyEnDD, FED, EDFM)."""
+    """Keys of every script that distills a teacher ensemble into a student trained on augmented
+    images (KD/ProxyEnDD, FED, EDFM, Hydra): the teachers and the input pipeline
+    (data.augment.configured_pipeline)."""
 
+    teacher_dir: str = "checkpoints_teacher/fmnist"  # the teacher ensemble: a folder of runs
+    num_classes: Optional[int] = None  # taken from the data set; if given, it must match
     mixup_alpha: float = 0.4
     randaugment: bool = True  # RandAugment(2, 9) before crop/flip/mixup (spec §1)
     crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
@@ -121,6 +124,8 @@ class StudentConfig(CommonConfig):
         for key in ("mixup_alpha", "crop_padding"):
             if getattr(self, key) < 0:
                 raise UserError(f"config key {key} must be >= 0, got {getattr(self, key)}")
+        if self.num_classes is not None and self.num_classes < 2:
+            raise UserError(f"num_classes must be >= 2 (or null), got {self.num_classes}")
 
 
 def _nearest(key, valid):
