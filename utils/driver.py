@@ -9,6 +9,7 @@ An entry script's `main` is `train_main(METHOD)`; its method lives in `build` (u
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data.datasets import load_dataset
@@ -17,6 +18,7 @@ from utils.config import parse_config, prepare_run_dir, save_config
 from utils.errors import UserError, cli_main
 from utils.evaluation import default_key, format_test_table, test_table
 from utils.method import Method, Run
+from utils.teachers import load_teachers, teacher_predictor
 from utils.trainer import Trainer
 
 
@@ -33,10 +35,6 @@ def load_data(config):
 
 def load_teachers_checked(config, dataset):
     """The teacher ensemble of `config.teacher_dir`, checked against the data set."""
-    import jax.numpy as jnp
-
-    from utils.teachers import load_teachers
-
     teachers = load_teachers(config.teacher_dir, dataset.name, dtype=jnp.dtype(config.dtype))
     if teachers.num_classes != dataset.num_classes:
         raise UserError(f"the teachers in {config.teacher_dir} predict {teachers.num_classes} "
@@ -67,8 +65,6 @@ def check_select_metric(run: Run, dataset):
 
 def default_test_predictors(method: Method, config):
     """The teacher ensemble (when the config names one) and the exported model."""
-    from utils.teachers import teacher_predictor
-
     def predictors(export_dir):
         teacher = ([teacher_predictor(config.teacher_dir, config.teacher_samples_per_run, config.seed)]
                    if getattr(config, "teacher_dir", None) else [])
