@@ -266,6 +266,7 @@ class Trainer:
             if val is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.num_epochs):
                 val_key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), epoch)
                 val_metrics = self.evaluate(state, frozen, val, batch_size=self.batch_size, key=val_key)
+                self._check_finite(val_metrics, state, epoch, "validation ")
                 record.update({f"val/{k}": v for k, v in val_metrics.items()})
                 self.last_val = val_metrics
                 if self.select_metric is not None:
@@ -296,7 +297,9 @@ class Trainer:
             record["train/lr"] = float(self.lr_schedule(step - 1))  # the epoch's last update
         return state, record
 
-    def _check_finite(self, means, state, epoch):
+    def _check_finite(self, means, state, epoch, what: str = ""):
+        """Stop, keeping the last checkpoint (whose training loss and validation metrics were
+        finite: this epoch's is not written), when a metric is not finite."""
         if all(np.isfinite(v) for v in means.values()):
             return
         self.checkpoints.wait()
@@ -305,4 +308,4 @@ class Trainer:
                 if last is not None else "no checkpoint was written yet")
         bad = {k: v for k, v in means.items() if not np.isfinite(v)}
         raise UserError(f"training stopped in epoch {epoch + 1} at step {int(state.step)}: "
-                        f"non-finite {bad}; {kept}; lower optim_lr or check the data")
+                        f"non-finite {what}{bad}; {kept}; lower optim_lr or check the data")

@@ -92,6 +92,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert trainer.checkpoints.latest.latest_step() == 10
 
 
+def test_non_finite_validation_stops_before_that_epochs_checkpoint(tmp_path):
+    """A diverged model whose training loss still looks finite (FED at a huge learning rate)
+    shows it in validation: the run stops and the last checkpoint is the previous epoch's."""
+    trainer, state = make_trainer(tmp_path / "val", jax.devices()[:1], num_epochs=1)
+    trainer.fit(state, TRAIN, VAL)  # one good epoch: checkpoint at step 5
+    trainer, state = make_trainer(tmp_path / "val", jax.devices()[:1], num_epochs=2)
+    trainer.eval_fn = lambda st, fr, b, k: {"acc": eval_fn(st, fr, b, k)["acc"] * jnp.nan}
+    trainer.__post_init__()
+    with pytest.raises(UserError, match=r"non-finite validation \{'acc': nan\}.*\(step 5\) is kept"):
+        trainer.fit(state, TRAIN, VAL)
+    assert trainer.checkpoints.latest.latest_step() == 5
+
+
 def test_epoch_order_pads_with_mask_and_masked_mean():
     indices, masks = epoch_order(seed=1, epoch=0, num_examples=10, batch_size=4)
     assert indices.shape == masks.shape == (3, 4)
