@@ -61,7 +61,7 @@ from utils.cost import predictor_cost
 from utils.errors import UserError, cli_main
 from utils.evaluation import check_classes, ensemble_summary, ood_aurocs, uncertainty_scores
 from utils.method import register_config
-from utils.predict import Runner, check_options, ensemble_predictor, export_method, load_predictor
+from utils.predict import Runner, check_options, ensemble_predictor, load_predictor
 from utils.teachers import find_teacher_runs, teacher_predictor
 from utils.trainer import make_mesh
 
@@ -210,10 +210,8 @@ register_config("evaluate/*", lambda argv: parse_evaluate_config(argv))
 def _check_student(spec: dict):
     """One clear line for an export no method predicts, or options its method does not take;
     an ensemble's exports must all be of one method. Returns that method."""
-    methods = set()
-    for path in spec["paths"]:
-        check_options(path, spec["options"], f"student {spec['name']} ({path})")
-        methods.add(export_method(path, f"student {spec['name']}")[1])
+    methods = {check_options(path, spec["options"], f"student {spec['name']} ({path})")
+               for path in spec["paths"]}
     if len(methods) > 1:
         raise UserError(f"student {spec['name']}: an ensemble pools exports of one method, got "
                         f"{', '.join(sorted(m.name for m in methods))}")

@@ -37,7 +37,7 @@ from utils.errors import UserError
 from utils.method import Method, Run, register
 from utils.optim import make_optimizer, warmup_cosine
 from utils.predict import Predictor, count_params
-from utils.teachers import ensemble_logits, members_from_runs
+from utils.teachers import sample_teacher_logits
 from utils.trainer import (TrainState, init_variables, masked_mean, prediction_metrics,
                            steps_per_epoch)
 
@@ -92,15 +92,6 @@ class Hydra(nn.Module):
         return jnp.einsum("bd,mdk->bmk", feature, kernel) + bias
 
 
-def head_teacher_logits(teacher_model, moments, key, images, num_heads: int):
-    """Logits [M, B, K] of M fresh SWAG members, member m from run m mod R; no gradient."""
-    moments = jax.lax.stop_gradient(moments)
-    num_runs = jax.tree.leaves(moments["mean"])[0].shape[0]
-    members = members_from_runs(key, moments, jnp.arange(num_heads) % num_runs)
-    return jax.lax.stop_gradient(ensemble_logits(teacher_model, members, images,
-                                                 model_state=moments.get("model_state", {})))
-
-
 def hydra_loss_per_example(head_logits, teacher_logits, temperature: float):
     """Mean over heads of head m's KD loss to teacher member m: head_logits [B, M, K],
     teacher_logits [M, B, K] -> [B]."""
@@ -121,8 +112,8 @@ def make_loss_fn(model, teacher_model, config: HydraConfig):
     def loss_fn(params, model_state, frozen, batch, key):
         augment_key, teacher_key = jax.random.split(key)
         images, labels = configured_pipeline(augment_key, batch, config)
-        teacher_logits = head_teacher_logits(teacher_model, frozen["teachers"], teacher_key,
-                                             images, config.num_heads)
+        teacher_logits = sample_teacher_logits(teacher_model, frozen["teachers"], teacher_key,
+                                               images, config.num_heads, tied_runs=True)
         head_logits, updates = model.apply({"params": params, **model_state}, images, train=True,
                                            mutable=list(model_state))
         loss = masked_mean(hydra_loss_per_example(head_logits, teacher_logits, config.dist_temp),

@@ -13,6 +13,7 @@ import hydra
 from models.resnet import ResNet
 from utils.config import parse_config
 from utils.errors import UserError
+from utils.teachers import sample_teacher_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 10
@@ -60,7 +61,7 @@ def test_head_m_learns_from_run_m_mod_r():
     runs = [body.init(jax.random.PRNGKey(r), images)["params"] for r in range(2)]
     moments = {"mean": jax.tree.map(lambda *x: jnp.stack(x), *runs),
                "std": jax.tree.map(lambda *x: jnp.zeros((2, *x[0].shape)), *runs), "model_state": {}}
-    logits = hydra.head_teacher_logits(body, moments, jax.random.PRNGKey(3), images, 5)
+    logits = sample_teacher_logits(body, moments, jax.random.PRNGKey(3), images, 5, tied_runs=True)
     for m in range(5):
         np.testing.assert_allclose(logits[m], body.apply({"params": runs[m % 2]}, images),
                                    rtol=1e-5, atol=1e-5)

@@ -48,7 +48,8 @@ def export_method(model_dir: str, what: str = "model"):
 
 
 def check_options(model_dir: str, options: dict, what: str = "model"):
-    """One clear line when the method's load_predictor does not take these options."""
+    """The Method that predicts with the export; one clear line when its load_predictor does
+    not take these options."""
     model_dir, method = export_method(model_dir, what)
     loader = method.load_predictor
     try:
@@ -57,6 +58,7 @@ def check_options(model_dir: str, options: dict, what: str = "model"):
         valid = [n for n in list(inspect.signature(loader).parameters)[1:] if n != "kwargs"]
         raise UserError(f"{what}: {method.script} load_predictor does not take options "
                         f"{sorted(options)}; it takes {', '.join(valid)}") from None
+    return method
 
 
 def load_predictor(model_dir: str, **options) -> Predictor:

@@ -179,9 +179,16 @@ def members_per_pass() -> int | None:
     return 1 if jax.default_backend() == "cpu" else None
 
 
-def sample_teacher_logits(model, moments, key, images, num_members: int):
-    """Logits [M, B, K] of M fresh members, balanced over the runs; no gradient flows back."""
-    members = draw_members(key, jax.lax.stop_gradient(moments), num_members)
+def sample_teacher_logits(model, moments, key, images, num_members: int, tied_runs: bool = False):
+    """Logits [M, B, K] of M fresh members, balanced over the runs (drawn at random per call, or
+    with `tied_runs` member m from run m mod R, e.g. one student head per run); no gradient
+    flows back."""
+    moments = jax.lax.stop_gradient(moments)
+    if tied_runs:
+        num_runs = jax.tree.leaves(moments["mean"])[0].shape[0]
+        members = members_from_runs(key, moments, jnp.arange(num_members) % num_runs)
+    else:
+        members = draw_members(key, moments, num_members)
     return jax.lax.stop_gradient(ensemble_logits(model, members, images,
                                                  model_state=moments.get("model_state", {})))
 
