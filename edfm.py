@@ -55,26 +55,26 @@ class EdfmConfig(StudentConfig):
     data_subname: Optional[str] = None  # the reference's c10/c100 tag; accepted, not used
     pretrained_resnet: str = "checkpoints_teacher/kd/fmnist"  # a KD run directory or its model/
     # Head (models.vector_field.AdaLNMLP)
-    hidden_size: int = 256
-    time_embed_dim: int = 32
-    num_blocks: int = 4
-    droprate: float = 0.0
-    time_scale: float = 1000.0
+    hidden_size: int = 256  # hidden units of each block
+    time_embed_dim: int = 32  # sinusoidal time embedding size
+    num_blocks: int = 4  # AdaLN-MLP blocks
+    droprate: float = 0.0  # dropout in each block
+    time_scale: float = 1000.0  # time feature ln(time_scale·(1−t))/4
     # Optimisation (head only): optim sgd (coupled L2, heavy-ball momentum) | adam (AdamW)
     optim_lr: float = 1e-4
     warmup_steps: int = 0  # linear warm-up from warmup_factor·lr, in optimizer steps
-    warmup_factor: float = 0.01
+    warmup_factor: float = 0.01  # the warm-up's starting fraction of optim_lr
     ema_decay: float = 0.0  # 0: no EMA (the reference's default)
-    mse_power: float = 2.0
+    mse_power: float = 2.0  # p of the loss Σ_k |v − u|^p
     # Flow matching
     noise_var: float = 4.0  # the base noise's standard deviation (the reference's name)
-    train_time_trunc: float = 1e-3
-    train_time_exp_base: float = 3.0
-    sample_time_exp_base: float = 0.5
-    sample_num_steps: int = 7
-    sample_solver: str = "heun_exp"
+    train_time_trunc: float = 1e-3  # ε: training times t lie in [0, 1−ε)
+    train_time_exp_base: float = 3.0  # b: training times have density ∝ b^t
+    sample_time_exp_base: float = 0.5  # a: sampling grid t_i = (1 − a^i)/(1 − a^S)
+    sample_num_steps: int = 7  # S: solver steps of the sampler
+    sample_solver: str = "heun_exp"  # heun_exp | euler
     num_ensembles: int = 32  # members at validation and in the test table
-    select_metric: Optional[str] = "nll"  # of the num_ensembles-member ensemble
+    select_metric: Optional[str] = "nll"  # validation metric of the num_ensembles-member ensemble
     test_table: bool = True  # end with a test-set table: teacher ensemble, KD backbone, EDFM
 
     ALIASES = {"optim_base": "optim", "eval_batch_size": "eval_bs"}

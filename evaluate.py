@@ -68,10 +68,10 @@ from utils.trainer import make_mesh
 
 @dataclasses.dataclass
 class EvaluateConfig(CommonConfig):
-    teacher_dir: str = "checkpoints_teacher/fmnist"
+    teacher_dir: str = "checkpoints_teacher/fmnist"  # the teacher ensemble (folder of runs): KL/W2 reference
     teacher_samples_per_run: int = 3  # SWAG samples per teacher run in the evaluated ensemble
-    # [{name, path, options}]; read by parse_evaluate_config (the YAML list or name=path,...)
-    students: list = dataclasses.field(default_factory=list)
+    # read by parse_evaluate_config: the YAML list of {name, path | ensemble, options, sweeps}
+    students: list = dataclasses.field(default_factory=list)  # students: name=path,name=path,...
     eval_bs: int = 500  # inputs per prediction batch
     num_test_examples: Optional[int] = None  # the first N of the test split and of each shift/OOD set
     eval_shift: bool = True  # also the shift and OOD sets

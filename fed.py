@@ -60,11 +60,12 @@ class FedConfig(StudentConfig):
     optim_ne: int = 250
     optim_lr: float = 1e-3
     optim_weight_decay: float = 0.0
-    optim_boundaries_and_scales: dict[int, float] = dataclasses.field(
+    optim_boundaries_and_scales: dict[int, float] = dataclasses.field(  # {epoch: lr × factor from it}
         default_factory=lambda: {175: 0.33, 225: 0.33, 275: 0.33, 350: 0.33, 400: 0.33})
-    noise_std: float = 0.1
-    kernel: str = "rbf"
-    bandwidth_range: list[float] = dataclasses.field(default_factory=lambda: [2.0, 10.0, 20.0, 50.0])
+    noise_std: float = 0.1  # σ of the generator's injected noise
+    kernel: str = "rbf"  # MMD kernel: rbf (the reference's only one)
+    bandwidth_range: list[float] = dataclasses.field(  # the MMD's RBF bandwidths (kernels summed)
+        default_factory=lambda: [2.0, 10.0, 20.0, 50.0])
     select_metric: Optional[str] = "ens_nll"
 
     def validate(self):

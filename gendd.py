@@ -85,8 +85,8 @@ class GenDDConfig(CommonConfig):
     teacher_dir: Optional[str] = None  # a teacher export: kind "resnet", or one swag_teacher run
     init_from: Optional[str] = None  # student weights: a gendd (stage-1) or resnet export / run dir
     # Augmentation (both networks see the same augmented images)
-    crop_padding: int = 4
-    flip: bool = True
+    crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
+    flip: bool = True  # random horizontal flip
     # Stage-2 optimisation: AdamW, β2 cosine from beta2_min up to adam_beta2
     optim: str = "adamw"
     optim_bs: int = 64
@@ -95,31 +95,31 @@ class GenDDConfig(CommonConfig):
     optim_weight_decay: float = 5e-2
     beta2_min: Optional[float] = 0.95  # null: constant adam_beta2
     lr_schedule: str = "step"  # step (CIFAR) | cos (ImageNet / CC3M)
-    warmup_epochs: int = 50
-    lr_decay_epochs: List[int] = dataclasses.field(default_factory=lambda: [150, 180, 210])
-    lr_decay_rate: float = 0.1
+    warmup_epochs: int = 50  # linear warm-up epochs of stage 2
+    lr_decay_epochs: List[int] = dataclasses.field(  # step schedule: lr × lr_decay_rate at each
+        default_factory=lambda: [150, 180, 210])
+    lr_decay_rate: float = 0.1  # step schedule factor
     min_lr: float = 0.0  # floor of the cos schedule
     # Stage-1 optimisation: AdamW(adam_beta1, adam_beta2), per-epoch cosine without warm-up
-    stage1_lr: float = 3e-3
-    stage1_ne: int = 50
-    stage1_weight_decay: float = 5e-2
+    stage1_lr: float = 3e-3  # stage-1 learning rate
+    stage1_ne: int = 50  # stage-1 epochs
+    stage1_weight_decay: float = 5e-2  # stage-1 AdamW weight decay
     # GenDD
     smooth: float = 0.9  # distribution contraction s
     unsupervised: bool = False  # no labels: no probe CE, probe frozen, soft labels from the teacher
     beta: float = 1.0  # representation mixup Beta(beta, beta); 0 disables it
-    token_dim: int = 64
+    token_dim: int = 64  # td: the teacher feature is split into D/td tokens
     diffusion_batch_mul: int = 30  # M
-    cond_drop_prob: float = 0.2
-    head_width: int = 1024
-    head_depth: int = 3
-    num_diffusion_steps: int = 1000
+    cond_drop_prob: float = 0.2  # probability of dropping a row's condition (classifier-free guidance)
+    head_width: int = 1024  # hidden units of the diffusion MLP
+    head_depth: int = 3  # residual blocks of the diffusion MLP
+    num_diffusion_steps: int = 1000  # T of the cosine noise schedule
     # Prediction
-    num_sampling_steps: int = 100
+    num_sampling_steps: int = 100  # respaced DDPM steps at prediction
     cfg_scale: Optional[float] = 2.0  # null or 1.0: no guidance
-    temperature: float = 1.0
-    # Clip each sampling step's x̂0 to [-x0_clip, x0_clip] (a departure; null = the reference, no
-    # clipping). An undertrained ε̂ is amplified ~300x at the cosine schedule's first respaced step.
-    x0_clip: Optional[float] = None
+    temperature: float = 1.0  # scale of the sampling noise
+    # A departure: an undertrained ε̂ is amplified ~300x at the cosine schedule's first respaced step.
+    x0_clip: Optional[float] = None  # clip each step's x̂0 to [-x0_clip, x0_clip]; null: not (reference)
     num_sampling: int = 5  # sampled features per image of the exported predictor
     val_num_sampling: int = 1  # ... during validation
     num_val_examples: Optional[int] = None  # validate on the first N validation images only

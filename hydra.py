@@ -50,10 +50,10 @@ class HydraConfig(StudentConfig):
     head_width: int = 64  # hidden units of each head; 0: a linear head
     optim_lr: float = 0.1
     optim_weight_decay: float = 1e-3
-    warmup_factor: float = 0.01
-    warmup_steps: int = 0
-    dist_temp: float = 1.0
-    select_metric: Optional[str] = "nll"  # of the heads' ensemble; single_nll: head 0
+    warmup_factor: float = 0.01  # the warm-up's starting fraction of optim_lr
+    warmup_steps: int = 0  # linear warm-up, in optimizer steps
+    dist_temp: float = 1.0  # temperature of the teachers' and heads' softmax in the KD loss
+    select_metric: Optional[str] = "nll"  # validation metric of the heads' ensemble; single_nll: head 0
 
     def validate(self):
         super().validate()

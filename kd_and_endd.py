@@ -64,9 +64,9 @@ class DistillConfig(StudentConfig):
     num_teachers: int = 30  # teacher members (SWAG samples) per step, balanced over the runs
     optim_lr: float = 0.1
     optim_weight_decay: float = 1e-3
-    warmup_factor: float = 0.01
+    warmup_factor: float = 0.01  # the warm-up's starting fraction of optim_lr
     warmup_steps: int = 0  # optimizer steps, not epochs (as the reference)
-    dist_temp: float = 1.0
+    dist_temp: float = 1.0  # temperature T of the distillation loss
     s_offset: float = 1.0  # ProxyEnDD: α = exp(z/T) + s_offset
     t_offset: float = 1.0  # ProxyEnDD: accepted and unused, as in the reference [Q5]
     eps: float = 1e-8  # ProxyEnDD: added inside every lnΓ and ψ

@@ -37,7 +37,7 @@ class SwagConfig(CommonConfig):
     seed: int = 2023
     start_decay_epoch: int = 10  # end of the linear warm-up
     start_swa_epoch: int = 800  # end of the cosine, start of SWAG collection
-    optim_swa_lr: float = 0.01
+    optim_swa_lr: float = 0.01  # constant learning rate while SWAG moments are collected
     swag: bool = True  # false: a plain cross-entropy network (no moments collected)
     freq: int = 1  # collect every freq-th update
     rank: int = 1  # < 2: diagonal SWAG (as the reference's rank 1); >= 2 also keeps deviations

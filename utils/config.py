@@ -11,10 +11,16 @@ the reference's other names onto them (`ALIASES`, e.g. EDFM's `optim_base` -> `o
 reference's YAMLs parse unchanged, and lists the keys it accepts only for compatibility
 (`UNUSED`: read, checked for type, never used).
 """
+import ast
 import dataclasses
 import datetime
 import difflib
+import inspect
+import io
 import os
+import sys
+import textwrap
+import tokenize
 import typing
 from typing import ClassVar, Optional
 
@@ -31,37 +37,37 @@ class CommonConfig:
 
     # Run
     save: Optional[str] = None  # run directory; default runs/<script>/<exp_name or time>
-    exp_name: Optional[str] = None
-    seed: int = 2025
+    exp_name: Optional[str] = None  # run name: the default run directory's last part and the W&B run name
+    seed: int = 2025  # seeds initialisation, data order, augmentation and sampling
     resume: Optional[str] = None  # a run directory to continue
     wandb: bool = False  # Weights & Biases logging; `--nowandb` turns it off
-    wandb_project: str = "edfm"
+    wandb_project: str = "edfm"  # W&B project
     log_every: int = 50  # steps between progress-bar metric refreshes and NaN checks
     keep_checkpoints: int = 2  # latest checkpoints kept for resuming
     # Data
-    data_name: str = "FashionMNIST_x28"
-    data_root: str = "./data/"
+    data_name: str = "FashionMNIST_x28"  # FashionMNIST_x28, CIFAR10_x32, CIFAR100_x32, ... (data/datasets.py)
+    data_root: str = "./data/"  # where data sets are looked for (and downloaded to)
     download: bool = False  # fetch a missing data set from its official source
     num_train_examples: Optional[int] = None  # use only the first N training examples
     # Model (the reference's model_* keys)
-    model_name: str = "FlaxResNet"
-    model_style: str = "FRN-Swish"
-    model_depth: int = 32
-    model_width: int = 2
-    model_planes: int = 16
+    model_name: str = "FlaxResNet"  # FlaxResNet (the reference's only choice)
+    model_style: str = "FRN-Swish"  # normalisation-activation: FRN-Swish | BN-ReLU | FRN-ReLU | BN-Swish
+    model_depth: int = 32  # 6n+2 layers (8, 14, 20, 32, ...)
+    model_width: int = 2  # channel multiplier of every stage
+    model_planes: int = 16  # channels of the first stage at width 1
     model_stem_planes: Optional[int] = None  # stem channels; default model_planes (resnet32x4: 32)
-    model_nobias: bool = False
+    model_nobias: bool = False  # convolutions without biases
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     # Optimisation (utils/optim.make_optimizer); each script sets its own defaults
-    optim_bs: int = 256
-    optim_ne: int = 1000
+    optim_bs: int = 256  # global batch size (over all devices)
+    optim_ne: int = 1000  # epochs
     optim: str = "sgd"  # sgd: heavy-ball momentum, L2 added to the gradient | adam: AdamW
-    optim_lr: float = 0.1
+    optim_lr: float = 0.1  # peak learning rate
     optim_momentum: float = 0.9  # sgd
     optim_weight_decay: float = 5e-4  # sgd: L2 on the gradient; adam: decoupled, scaled by the lr
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    adam_beta1: float = 0.9  # adam: decay of the first moment
+    adam_beta2: float = 0.999  # adam: decay of the second moment
+    adam_eps: float = 1e-8  # adam: added to the root of the second moment
     # Validation, selection and the end-of-run test table
     eval_every: int = 1  # epochs between validations (the last epoch always validates)
     select_metric: Optional[str] = None  # validation metric that picks the export; null: the last
@@ -114,7 +120,7 @@ class StudentConfig(CommonConfig):
 
     teacher_dir: str = "checkpoints_teacher/fmnist"  # the teacher ensemble: a folder of runs
     num_classes: Optional[int] = None  # taken from the data set; if given, it must match
-    mixup_alpha: float = 0.4
+    mixup_alpha: float = 0.4  # mixup Beta(α, α); 0: none
     randaugment: bool = True  # RandAugment(2, 9) before crop/flip/mixup (spec §1)
     crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
     flip: bool = True  # random horizontal flip
@@ -211,8 +217,76 @@ def _canonical(cls, values: dict, source: str) -> dict:
     return values
 
 
+def key_meanings(cls) -> dict:
+    """{key: its one-line meaning}, read from the comment at the end of the field's line in the
+    config classes' source, so the help that `--help` prints cannot drift from the code. A
+    subclass's comment overrides its base's; a field redeclared without one keeps the base's."""
+    meanings = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass) or klass is object:
+            continue
+        source = textwrap.dedent(inspect.getsource(klass))
+        lines = source.splitlines()
+        comments = {token.start[0]: token.string.lstrip("#").strip()
+                    for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                    if token.type == tokenize.COMMENT}
+        for node in ast.parse(source).body[0].body:
+            if not isinstance(node, ast.AnnAssign) or not isinstance(node.target, ast.Name):
+                continue
+            meaning = " ".join(comments[n] for n in range(node.lineno, node.end_lineno + 1)
+                               if n in comments and not lines[n - 1].lstrip().startswith("#"))
+            if meaning or node.target.id not in meanings:
+                meanings[node.target.id] = meaning
+    return meanings
+
+
+def _type_name(annotation) -> str:
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return f"{_type_name(inner)}|null"
+    if args:
+        return f"{typing.get_origin(annotation).__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def config_help(cls, prog: str) -> str:
+    """What `--help` prints: usage, then every key with its type, default and meaning, then the
+    reference's names that are accepted (aliases and unused keys)."""
+    hints = typing.get_type_hints(cls)
+    meanings = key_meanings(cls)
+    rows = []
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        else:
+            default = field.default_factory()
+        rows.append((f"--{field.name}", _type_name(hints[field.name]), yaml.safe_dump(
+            default, default_flow_style=True, width=1000).strip().removesuffix("\n...").strip(),
+            meanings.get(field.name, "")))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    about = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]  # the script's
+    lines = [f"usage: python {prog} [--config FILE.yaml] [--resume RUN_DIR] [--key value ...]",
+             "", about, "",
+             "Keys: defaults < --config FILE (or the --resume run's config.yaml) < --key value. "
+             "Values are YAML (1e-3, true, null, [2, 10]); --nowandb means --wandb false.", ""]
+    lines += [f"  {name:<{widths[0]}}  {kind:<{widths[1]}}  {default:<{widths[2]}}  {meaning}".rstrip()
+              for name, kind, default, meaning in rows]
+    if cls.ALIASES:
+        lines += ["", "The reference's names, accepted: "
+                  + ", ".join(f"{alias} = {key}" for alias, key in cls.ALIASES.items())]
+    if cls.UNUSED:
+        lines += ["Accepted for the reference's YAMLs and not used: " + ", ".join(cls.UNUSED)]
+    return "\n".join(lines)
+
+
 def parse_config(cls, argv):
-    """Build and validate a `cls` config from `--config FILE` and `--key value` flags."""
+    """Build and validate a `cls` config from `--config FILE` and `--key value` flags; `--help`
+    prints every key (config_help) and exits."""
+    argv = list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(config_help(cls, os.path.basename(sys.argv[0]) or "script.py"))
+        raise SystemExit(0)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     cli = _parse_cli(list(argv), {**fields, **cls.ALIASES})

@@ -69,3 +69,43 @@ def test_run_dir_refuses_existing_and_resume_reloads(tmp_path):
     assert prepare_run_dir(resumed, "demo") == run
     with pytest.raises(UserError, match="not a run directory"):
         parse_config(DemoConfig, ["--resume", str(tmp_path / "nothing")])
+
+
+@dataclasses.dataclass
+class HelpConfig(CommonConfig):
+    """optim_lr is redeclared without a comment: it keeps the base's meaning."""
+
+    optim_lr: float = 0.5
+    temperature: float = 1.0  # scale of the sampling noise
+    lr_decay_epochs: list[int] = dataclasses.field(  # lr × 0.1 at each
+        default_factory=lambda: [150, 180])
+    ALIASES = {"optim_base": "optim"}
+    UNUSED = ("t_offset",)
+
+
+def test_help_lists_every_key_with_type_default_and_meaning(capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_config(HelpConfig, ["--optim_lr", "2", "--help"])
+    assert stop.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split(None, 3)[1:] for line in lines if line.startswith("  --")}
+    assert list(rows) == [f"--{f.name}" for f in dataclasses.fields(HelpConfig)]
+    assert rows["--optim_lr"] == ["float", "0.5", "peak learning rate"]
+    assert rows["--temperature"] == ["float", "1.0", "scale of the sampling noise"]
+    decay = next(line for line in lines if line.startswith("  --lr_decay_epochs"))
+    assert "list[int]  [150, 180]" in decay and decay.endswith("  lr × 0.1 at each")
+    assert rows["--select_metric"][:2] == ["str|null", "null"]
+    assert any("optim_base = optim" in line for line in lines)
+    assert any(line.endswith("t_offset") for line in lines)
+
+
+def test_every_key_of_every_script_has_a_meaning():
+    """--help reads meanings from the config classes' comments: a key added without one fails."""
+    from evaluate import EvaluateConfig
+    from utils.config import key_meanings
+    from utils.method import methods
+
+    for config_class in [m.config_class for m in methods().values()] + [EvaluateConfig]:
+        meanings = key_meanings(config_class)
+        undocumented = [f.name for f in dataclasses.fields(config_class) if not meanings.get(f.name)]
+        assert not undocumented, f"{config_class.__name__}: {undocumented}"
