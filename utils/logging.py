@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import secrets
 import sys
 
 import numpy as np
@@ -47,23 +48,42 @@ def progress(iterable, desc: str, percent_step: int = 10):
     return _PlainProgress(iterable, desc, total, max(1, total * percent_step // 100))
 
 
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def wandb_run_id(run_dir: str) -> str:
+    """The run directory's W&B run id, made on its first start and read on every later one, so a
+    resumed run continues the same W&B run (`<run_dir>/wandb_id`, written atomically)."""
+    path = os.path.join(run_dir, "wandb_id")
+    if not os.path.exists(path):
+        with open(path + ".tmp", "w") as f:
+            f.write(secrets.token_hex(6) + "\n")
+        os.replace(path + ".tmp", path)
+    with open(path) as f:
+        return f.read().strip()
+
+
 class RunLogger:
     def __init__(self, run_dir: str, config=None, use_wandb: bool = False, quiet: bool = False):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.quiet = quiet
         self.wandb_run = None
-        if use_wandb:
+        if use_wandb and _process_index() == 0:  # one W&B run, kept by the first host
             try:
                 import wandb
             except ImportError:
                 print("wandb is not installed (pip install -e '.[wandb]'); logging locally only",
                       file=sys.stderr)
             else:
+                # W&B's files stay in the run directory (<run_dir>/wandb/).
                 self.wandb_run = wandb.init(
                     project=getattr(config, "wandb_project", "edfm"),
                     name=getattr(config, "exp_name", None), dir=run_dir,
-                    config=dataclasses.asdict(config) if config is not None else None,
-                    resume="allow")
+                    id=wandb_run_id(run_dir), resume="allow",
+                    config=dataclasses.asdict(config) if config is not None else None)
 
     def log(self, record: dict):
         import jax
