@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -26,30 +27,67 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _first_line(error: Exception) -> str:
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split(" See full TensorStore details")[0][:200]
+
+
+def _shapes(tree) -> dict:
+    """{leaf path a/b/0: "dtype[shape]"} of arrays, or of orbax's metadata of them (which keeps
+    a named tuple's fields as dict keys: the path is spelled without brackets or dots)."""
+    return {"/".join(re.findall(r"\w+", jax.tree_util.keystr(path))):
+            f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _host_copy(leaf):
+    """A NumPy copy of a replicated array (each process's first shard is the whole array)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        return np.asarray(leaf.addressable_data(0))
+    return np.asarray(leaf)
+
+
 class RunCheckpoints:
-    """Latest train states for resuming, plus the best one by a validation score."""
+    """Latest train states for resuming, plus the best one by a validation score.
+
+    Each checkpoint's meta records the SHA-256 of every state array, so a damaged checkpoint
+    is reported as corrupt on restore instead of resuming from garbage (orbax reads some
+    damaged chunks without complaint); a checkpoint of another run's shapes is reported as not
+    matching this run, naming the first array that differs."""
+
+    HASHES = "state_sha256"
 
     def __init__(self, run_dir: str, keep: int = 2, best_mode: str = "min"):
         self.best_mode = best_mode
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         # The two managers save the same step concurrently; on several hosts each needs its own
         # barrier names, or their barriers collide ("already ongoing") and the run hangs.
         self.latest = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(run_dir, "checkpoints")),
+            os.path.abspath(os.path.join(run_dir, "checkpoints")), item_handlers=handlers,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True,
+                max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                 multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="latest")))
         self.best = ocp.CheckpointManager(
-            os.path.abspath(os.path.join(run_dir, "best")),
+            os.path.abspath(os.path.join(run_dir, "best")), item_handlers=dict(handlers),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, best_mode=best_mode,
+                max_to_keep=1, create=True, best_mode=best_mode, cleanup_tmp_directories=True,
                 best_fn=lambda metrics: metrics["score"], keep_checkpoints_without_metrics=False,
                 multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="best")))
 
     def save(self, step: int, state, meta: dict, score=None):
+        """Save and wait until the checkpoint is on disk: a save that fails (a full disk, a
+        read-only directory) stops the run now, not an epoch later."""
+        meta = {**meta, self.HASHES: array_hashes(jax.tree.map(_host_copy, state))}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.latest.save(step, args=args)
-        if score is not None and np.isfinite(score):
-            self.best.save(step, args=args, metrics={"score": float(score)})
+        try:
+            self.latest.save(step, args=args)
+            if score is not None and np.isfinite(score):
+                self.best.save(step, args=args, metrics={"score": float(score)})
+            self.wait()
+        except Exception as error:  # orbax and tensorstore wrap OS errors in several types
+            raise UserError(f"cannot save the checkpoint of step {step} in "
+                            f"{os.path.dirname(self.latest.directory)}: {_first_line(error)}; "
+                            f"the checkpoints already there are kept") from None
 
     def wait(self):
         self.latest.wait_until_finished()
@@ -59,13 +97,38 @@ class RunCheckpoints:
         step = manager.latest_step() if manager is self.latest else manager.best_step()
         if step is None:
             return None
+        where = f"checkpoint {manager.directory}/{step}"
+        older = [s for s in manager.all_steps() if s < step]
+        remedy = (f"; delete it to resume from step {max(older)}" if older and manager is self.latest
+                  else "")
+        try:
+            stored = manager.item_metadata(step)["state"]
+            stored = _shapes(getattr(stored, "tree", stored))
+        except Exception as error:
+            raise UserError(f"{where} is corrupt (its metadata cannot be read: "
+                            f"{_first_line(error)}){remedy}") from None
+        expected = _shapes(like_state)
+        for name in sorted(set(stored) | set(expected)):
+            if stored.get(name) != expected.get(name):
+                raise UserError(f"{where} does not match this run: array {name} is "
+                                f"{stored.get(name, 'absent')} there, {expected.get(name, 'absent')} "
+                                f"here (another run's checkpoint, or changed model keys?)")
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(_abstract(like_state)), meta=ocp.args.JsonRestore()))
         except Exception as error:  # orbax raises many types; name the place and the cause
-            raise UserError(f"checkpoint {manager.directory}/{step} does not match this run: "
-                            f"{str(error).splitlines()[0][:200]}") from None
-        return restored.state, restored.meta
+            raise UserError(f"{where} is corrupt (a file is truncated or damaged: "
+                            f"{_first_line(error)}){remedy}") from None
+        meta = dict(restored.meta)
+        recorded = meta.pop(self.HASHES, None)
+        if recorded is not None:
+            found = array_hashes(jax.tree.map(np.asarray, restored.state))
+            damaged = sorted(name for name in set(recorded) | set(found)
+                             if recorded.get(name) != found.get(name))
+            if damaged:
+                raise UserError(f"{where} is corrupt: array {damaged[0]} differs from the hash "
+                                f"recorded when it was saved{remedy}")
+        return restored.state, meta
 
     def restore_latest(self, like_state):
         """(state, meta) of the newest checkpoint, or None when there is none."""
@@ -109,9 +172,10 @@ def save_export(directory: str, arrays, sidecar: dict, replace: bool = False):
             checkpointer.save(os.path.join(partial, "arrays"), arrays)
         with open(os.path.join(partial, SIDECAR), "w") as f:
             json.dump({**sidecar, "array_sha256": array_hashes(arrays)}, f, indent=1, default=float)
-    except OSError as error:
+    except Exception as error:  # an OSError, or orbax's wrapping of one (a full disk, read-only)
         shutil.rmtree(partial, ignore_errors=True)
-        raise UserError(f"cannot write the export {directory}: {error.strerror or error}") from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+        raise UserError(f"cannot write the export {directory}: {reason}") from None
     if os.path.isdir(directory):  # a complete export being replaced, or a leftover without a sidecar
         old = f"{directory}.old-{os.getpid()}"
         os.replace(directory, old)

@@ -42,7 +42,8 @@ class CommonConfig:
     resume: Optional[str] = None  # a run directory to continue
     wandb: bool = False  # Weights & Biases logging; `--nowandb` turns it off
     wandb_project: str = "edfm"  # W&B project
-    log_every: int = 50  # steps between progress-bar metric refreshes and NaN checks
+    log_every: int = 50  # steps between progress-bar metric refreshes and divergence checks
+    divergence_factor: float = 1e4  # stop when |loss| > this x max(1, |first logged loss|); 0: off
     keep_checkpoints: int = 2  # latest checkpoints kept for resuming
     # Data
     data_name: str = "FashionMNIST_x28"  # FashionMNIST_x28, CIFAR10_x32, CIFAR100_x32, ... (data/datasets.py)
@@ -92,7 +93,8 @@ class CommonConfig:
                   ("optim_weight_decay", self.optim_weight_decay >= 0, ">= 0"),
                   ("adam_beta1", 0 <= self.adam_beta1 < 1, "in [0, 1)"),
                   ("adam_beta2", 0 <= self.adam_beta2 < 1, "in [0, 1)"),
-                  ("adam_eps", self.adam_eps > 0, "> 0")]
+                  ("adam_eps", self.adam_eps > 0, "> 0"),
+                  ("divergence_factor", self.divergence_factor >= 0, ">= 0")]
         for key, ok, rule in ranges:
             if not ok:
                 raise UserError(f"config key {key} must be {rule}, got {getattr(self, key)}")

@@ -92,6 +92,12 @@ def train(method: Method, config, mesh=None) -> str:
     return run_dir
 
 
+def out_of_memory(error: Exception, config) -> UserError:
+    """The one line for a device allocation that failed (XLA's RESOURCE_EXHAUSTED)."""
+    return UserError(f"out of memory ({str(error).splitlines()[0][:120]}): lower optim_bs (now "
+                     f"{config.optim_bs}) or eval_bs (now {config.eval_bs}), or use a smaller model")
+
+
 def fit_and_export(method: Method, config, run: Run, dataset, run_dir: str, mesh=None):
     """The trainer over the run (resuming when the directory holds a checkpoint), the export of
     the state selected on validation, and the optional test table."""
@@ -135,6 +141,12 @@ def train_main(method: Method):
 
     @cli_main
     def main(argv):
-        return train(method, parse_config(method.config_class, argv))
+        config = parse_config(method.config_class, argv)
+        try:
+            return train(method, config)
+        except jax.errors.JaxRuntimeError as error:
+            if "RESOURCE_EXHAUSTED" in str(error):
+                raise out_of_memory(error, config) from None
+            raise
 
     return main

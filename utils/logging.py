@@ -68,33 +68,38 @@ def wandb_run_id(run_dir: str) -> str:
 
 class RunLogger:
     def __init__(self, run_dir: str, config=None, use_wandb: bool = False, quiet: bool = False):
+        self.run_dir, self.config, self.quiet = run_dir, config, quiet
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.quiet = quiet
+        self.use_wandb = use_wandb and _process_index() == 0  # one W&B run, kept by the first host
         self.wandb_run = None
-        if use_wandb and _process_index() == 0:  # one W&B run, kept by the first host
-            try:
-                import wandb
-            except ImportError:
-                print("wandb is not installed (pip install -e '.[wandb]'); logging locally only",
-                      file=sys.stderr)
-            else:
-                # W&B's files stay in the run directory (<run_dir>/wandb/).
-                self.wandb_run = wandb.init(
-                    project=getattr(config, "wandb_project", "edfm"),
-                    name=getattr(config, "exp_name", None), dir=run_dir,
-                    id=wandb_run_id(run_dir), resume="allow",
-                    config=dataclasses.asdict(config) if config is not None else None)
+
+    def _start_wandb(self):
+        """Start (or continue) the run's W&B run at its first record, so a resume refused
+        before training starts none."""
+        self.use_wandb = False
+        try:
+            import wandb
+        except ImportError:
+            print("wandb is not installed (pip install -e '.[wandb]'); logging locally only",
+                  file=sys.stderr)
+            return
+        # W&B's files stay in the run directory (<run_dir>/wandb/).
+        config = self.config
+        self.wandb_run = wandb.init(
+            project=getattr(config, "wandb_project", "edfm"), name=getattr(config, "exp_name", None),
+            dir=self.run_dir, id=wandb_run_id(self.run_dir), resume="allow",
+            config=dataclasses.asdict(config) if config is not None else None)
 
     def log(self, record: dict):
-        import jax
-
-        if jax.process_index() != 0:  # one log per run, written by the first host
+        if _process_index() != 0:  # one log per run, written by the first host
             return
         record = {k: _plain(v) for k, v in record.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if not self.quiet:
             print(format_metrics(record), flush=True)
+        if self.use_wandb:
+            self._start_wandb()
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record.get("step"))
 
@@ -107,7 +112,7 @@ class RunLogger:
             return
         with open(self.path) as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= epoch]
+        kept = [line for line in lines if _epoch(line) <= epoch]
         if len(kept) < len(lines):
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
@@ -116,6 +121,15 @@ class RunLogger:
     def close(self):
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _epoch(line: str) -> float:
+    """A record's epoch; a torn line (a write cut short by a full disk or a kill) counts as
+    after every epoch, so it is dropped."""
+    try:
+        return json.loads(line).get("epoch", 0)
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 def read_metrics(run_dir: str) -> list[dict]:

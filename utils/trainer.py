@@ -201,6 +201,8 @@ class Trainer:
     keep_checkpoints: int = 2
     lr_schedule: Optional[Callable] = None  # only to log the learning rate
     logger: Optional[RunLogger] = None
+    # A loss explosion: |training loss| above this times max(1, |the first logged loss|); 0: off
+    divergence_factor: float = 1e4
 
     @classmethod
     def for_run(cls, run_dir: str, config, **fields) -> "Trainer":
@@ -210,7 +212,8 @@ class Trainer:
         shared = dict(run_dir=run_dir, seed=config.seed, batch_size=config.optim_bs,
                       num_epochs=config.optim_ne, log_every=config.log_every,
                       keep_checkpoints=config.keep_checkpoints,
-                      eval_every=getattr(config, "eval_every", 1))
+                      eval_every=getattr(config, "eval_every", 1),
+                      divergence_factor=getattr(config, "divergence_factor", 1e4))
         if "logger" not in fields:
             shared["logger"] = RunLogger(run_dir, config, config.wandb)
         return cls(**{**shared, **fields})
@@ -229,6 +232,7 @@ class Trainer:
                                            self.ema_decay, self.mesh)
         self.evaluate = make_evaluator(self.eval_fn, self.mesh)
         self.last_val = {}  # the latest validation metrics
+        self.first_loss = None  # the run's first logged training loss: divergence's scale
 
     def selected(self, state):
         """(state, validation metrics) of the checkpoint selected on validation, else the last."""
@@ -250,12 +254,21 @@ class Trainer:
         if restored is not None:
             state, meta = restored
             start_epoch = meta["epoch"]
+            self.first_loss = meta.get("first_loss")
             self.last_val = {k[4:]: v for k, v in meta.items() if k.startswith("val/")}
             print(f"resuming {self.run_dir} from epoch {start_epoch} (step {int(state.step)})")
         self.logger.drop_after_epoch(start_epoch)
         self.trained_epochs = max(self.num_epochs - start_epoch, 0)
         if on_start is not None:
             on_start(start_epoch)
+        try:
+            return self._fit_epochs(state, train, val, frozen, start_epoch)
+        except OSError as error:  # the run directory: a full disk, a read-only mount
+            raise UserError(f"cannot write {error.filename or self.run_dir}: {error.strerror}; the "
+                            f"checkpoints already saved are kept: fix that, then --resume "
+                            f"{self.run_dir}") from None
+
+    def _fit_epochs(self, state, train, val, frozen, start_epoch):
         state = put_replicated(state, self.mesh)
         frozen = put_replicated(frozen, self.mesh)
         images = to_global(train.images, replicated(self.mesh))
@@ -266,14 +279,14 @@ class Trainer:
             if val is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.num_epochs):
                 val_key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), epoch)
                 val_metrics = self.evaluate(state, frozen, val, batch_size=self.batch_size, key=val_key)
-                self._check_finite(val_metrics, state, epoch, "validation ")
+                self._check_diverged(val_metrics, state, epoch, "validation ")
                 record.update({f"val/{k}": v for k, v in val_metrics.items()})
                 self.last_val = val_metrics
                 if self.select_metric is not None:
                     score = val_metrics[self.select_metric]
             self.logger.log(record)
-            self.checkpoints.save(int(state.step), state, {"epoch": epoch + 1, **record}, score=score)
-        self.checkpoints.wait()
+            self.checkpoints.save(int(state.step), state,
+                                  {"epoch": epoch + 1, "first_loss": self.first_loss, **record}, score=score)
         return state
 
     def _run_epoch(self, state, frozen, images, labels, num_examples, epoch):
@@ -287,7 +300,7 @@ class Trainer:
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             if (i + 1) % self.log_every == 0 or i + 1 == len(indices):
                 means = {k: float(v) / (i + 1) for k, v in sums.items()}
-                self._check_finite(means, state, epoch)
+                self._check_diverged(means, state, epoch)
                 bar.set_postfix(loss=f"{means['loss']:.4g}")
         step = int(state.step)
         record = {"epoch": epoch + 1, "step": step,
@@ -297,15 +310,25 @@ class Trainer:
             record["train/lr"] = float(self.lr_schedule(step - 1))  # the epoch's last update
         return state, record
 
-    def _check_finite(self, means, state, epoch, what: str = ""):
-        """Stop, keeping the last checkpoint (whose training loss and validation metrics were
-        finite: this epoch's is not written), when a metric is not finite."""
-        if all(np.isfinite(v) for v in means.values()):
+    def _check_diverged(self, means, state, epoch, what: str = ""):
+        """Stop when a metric is not finite, or the training loss explodes (grows beyond
+        divergence_factor times the scale of the first loss logged), keeping the checkpoints
+        already written: this epoch's is not, so the last one kept had a finite, unexploded
+        training loss and finite validation metrics."""
+        bad = {k: v for k, v in means.items() if not np.isfinite(v)}
+        problem = f"non-finite {what}{bad}"
+        if not bad and "loss" in means:
+            if self.first_loss is None:
+                self.first_loss = means["loss"]
+            limit = self.divergence_factor * max(1.0, abs(self.first_loss))
+            if not self.divergence_factor or abs(means["loss"]) <= limit:
+                return
+            problem = (f"the training loss exploded to {means['loss']:.4g} (first logged: "
+                       f"{self.first_loss:.4g}; the limit divergence_factor x max(1, that) is {limit:.4g})")
+        elif not bad:
             return
-        self.checkpoints.wait()
         last = self.checkpoints.latest.latest_step()
         kept = (f"the last good checkpoint (step {last}) is kept in {self.run_dir}/checkpoints"
                 if last is not None else "no checkpoint was written yet")
-        bad = {k: v for k, v in means.items() if not np.isfinite(v)}
         raise UserError(f"training stopped in epoch {epoch + 1} at step {int(state.step)}: "
-                        f"non-finite {what}{bad}; {kept}; lower optim_lr or check the data")
+                        f"{problem}; {kept}; lower optim_lr or check the data")

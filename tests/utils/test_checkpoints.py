@@ -2,6 +2,7 @@
 finding an export from a run directory, the ResNet export, and RunCheckpoints (latest and best)."""
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -259,3 +260,63 @@ def test_restore_into_another_structure_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="does not match this run"):
         checkpoints.restore_latest({"other": np.zeros((2, 2), np.float32)})
     checkpoints.close()
+
+
+def big_state(step):
+    """A state whose array fills a data file of its own (small arrays are inlined in orbax's index)."""
+    return {"w": np.arange(50_000, dtype=np.float32) + step, "step": np.asarray(step, np.int32)}
+
+
+def largest_file(directory):
+    files = [os.path.join(root, name) for root, _, names in os.walk(directory) for name in names]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite"])
+def test_damaged_checkpoint_is_reported_corrupt_naming_it(tmp_path, damage):
+    """A truncated file fails to read; bytes overwritten inside a compressed chunk can read back
+    as other numbers without any error, which the hashes recorded at save time catch."""
+    checkpoints = RunCheckpoints(str(tmp_path / "run"), keep=2)
+    checkpoints.save(1, big_state(1), {"epoch": 1})
+    checkpoints.save(2, big_state(2), {"epoch": 2})
+    checkpoints.close()
+    path = largest_file(tmp_path / "run" / "checkpoints" / "2")
+    with open(path, "r+b") as f:
+        if damage == "truncate":
+            f.truncate(os.path.getsize(path) // 2)
+        else:
+            f.seek(os.path.getsize(path) // 2)
+            f.write(np.random.default_rng(0).bytes(64))
+    again = RunCheckpoints(str(tmp_path / "run"), keep=2)
+    where = re.escape(str(tmp_path / "run" / "checkpoints" / "2"))
+    with pytest.raises(UserError, match=f"checkpoint {where} is corrupt.*delete it to resume from step 1"):
+        again.restore_latest(big_state(0))
+    again.close()
+
+
+def test_checkpoint_of_other_shapes_names_the_array(tmp_path):
+    checkpoints = RunCheckpoints(str(tmp_path / "run"))
+    checkpoints.save(1, big_state(1), {"epoch": 1})
+    checkpoints.close()
+    again = RunCheckpoints(str(tmp_path / "run"))
+    with pytest.raises(UserError, match=r"does not match this run: array w is float32\[50000\] there, "
+                                        r"float32\[7\] here"):
+        again.restore_latest({"w": np.zeros(7, np.float32), "step": np.asarray(0, np.int32)})
+    again.close()
+
+
+def test_failed_save_is_one_line_and_keeps_the_checkpoints_there(tmp_path, monkeypatch):
+    """A full disk or read-only directory surfaces inside orbax as various error types; the
+    save waits for the write, so the run stops at this epoch, not one later."""
+    checkpoints = RunCheckpoints(str(tmp_path / "run"))
+    checkpoints.save(1, big_state(1), {"epoch": 1})
+
+    def full_disk(*args, **kwargs):
+        raise ValueError("Error writing local file: [OS error: No space left on device]")
+
+    monkeypatch.setattr(checkpoints.latest, "save", full_disk)
+    with pytest.raises(UserError, match="cannot save the checkpoint of step 2 .*No space left on "
+                                        r"device\]; the checkpoints already there are kept"):
+        checkpoints.save(2, big_state(2), {"epoch": 2})
+    checkpoints.close()
+    assert RunCheckpoints(str(tmp_path / "run")).restore_latest(big_state(0))[1] == {"epoch": 1}

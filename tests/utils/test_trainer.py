@@ -105,6 +105,46 @@ def test_non_finite_validation_stops_before_that_epochs_checkpoint(tmp_path):
     assert trainer.checkpoints.latest.latest_step() == 5
 
 
+def test_exploding_loss_stops_even_across_a_resume(tmp_path):
+    """A finite but exploded loss (sgd_swag once kept a "last good" checkpoint at loss 1e18) stops
+    the run before that epoch's checkpoint; the scale is the run's first logged loss, kept in the
+    checkpoints, so a resumed run judges by the same scale."""
+    trainer, state = make_trainer(tmp_path / "boom", jax.devices()[:1], num_epochs=2)
+    good_loss = trainer.loss_fn
+    trainer.fit(state, TRAIN, VAL)  # checkpoints at steps 5 and 10
+    first = trainer.first_loss
+    assert 1 < first < 10  # a cross-entropy over 10 classes
+    trainer, state = make_trainer(tmp_path / "boom", jax.devices()[:1], num_epochs=3)
+    # an offset: the loss explodes, the gradients (and so the parameters) stay as they were
+    exploded = lambda *args: (lambda out: (out[0] + 1e5, out[1]))(good_loss(*args))  # noqa: E731
+    trainer.loss_fn = exploded
+    trainer.__post_init__()
+    with pytest.raises(UserError, match=r"training loss exploded to .*first logged: "
+                                        rf"{first:.4g}.*\(step 10\) is kept"):
+        trainer.fit(state, TRAIN, VAL)
+    assert trainer.checkpoints.latest.latest_step() == 10
+    trainer.checkpoints.close()
+    # the same growth is allowed with the check off
+    trainer, state = make_trainer(tmp_path / "boom", jax.devices()[:1], num_epochs=3)
+    trainer.loss_fn, trainer.divergence_factor = exploded, 0
+    trainer.__post_init__()
+    assert int(trainer.fit(state, TRAIN, VAL).step) == 15
+
+
+def test_unwritable_run_directory_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    trainer, state = make_trainer(tmp_path / "full", jax.devices()[:1], num_epochs=1)
+
+    def full_disk(record):
+        raise OSError(errno.ENOSPC, "No space left on device", trainer.logger.path)
+
+    monkeypatch.setattr(trainer.logger, "log", full_disk)
+    with pytest.raises(UserError, match=r"cannot write .*metrics.jsonl: No space left on device; the "
+                                        r"checkpoints already saved are kept: fix that, then --resume"):
+        trainer.fit(state, TRAIN, VAL)
+
+
 def test_epoch_order_pads_with_mask_and_masked_mean():
     indices, masks = epoch_order(seed=1, epoch=0, num_examples=10, batch_size=4)
     assert indices.shape == masks.shape == (3, 4)
