@@ -144,14 +144,25 @@ SPEC_FIELDS = ("num_classes", "depth", "width", "planes", "stem_planes", "norm",
                "conv_bias", "pixel_mean", "pixel_std", "noise_std")
 
 
-def resnet_spec(model: ResNet) -> dict:
-    """The architecture as a JSON-able dict, for checkpoint sidecars."""
+def resnet_spec(model) -> dict:
+    """The architecture as a JSON-able dict, for checkpoint sidecars. A zoo network (models.zoo)
+    writes its registry name as "arch" plus its constructor fields."""
+    if not isinstance(model, ResNet):
+        from models.zoo import zoo_spec
+
+        return zoo_spec(model)
     spec = {name: getattr(model, name) for name in SPEC_FIELDS}
     spec["pixel_mean"], spec["pixel_std"] = list(model.pixel_mean), list(model.pixel_std)
     return spec
 
 
-def resnet_from_spec(spec: dict, dtype=jnp.float32) -> ResNet:
+def resnet_from_spec(spec: dict, dtype=jnp.float32):
+    """The network a sidecar's spec describes: a zoo network (models.zoo) when the spec names an
+    "arch", else this module's ResNet (whose specs have no "arch")."""
+    if "arch" in spec:
+        from models.zoo import zoo_from_spec
+
+        return zoo_from_spec(spec, dtype=dtype)
     spec = dict(spec)
     spec["pixel_mean"], spec["pixel_std"] = tuple(spec["pixel_mean"]), tuple(spec["pixel_std"])
     return ResNet(**spec, dtype=dtype)

@@ -1,0 +1,256 @@
+"""PyTorch checkpoints of RepDistiller/CRD's CIFAR zoo -> the project's "resnet" export.
+
+    python -m utils.convert torch ckpt_epoch_240.pth runs/teachers/resnet110 --arch resnet110
+
+Reads `{'model': state_dict, ...}` (CRD/RepDistiller's `torch.save`), `{'state_dict': ...}` or a
+bare state dict, with or without DataParallel's `module.` prefix, tensors saved on any device.
+Every tensor is placed by name: the zoo's parameter names are the PyTorch keys with '.' -> '_'
+(models/zoo/base.py), and the classifier (`fc`, `linear`, `classifier` or `classifier.0` by
+architecture; GenDD renames them all `fc`) is the zoo's `classifier`. Conv weights OIHW -> HWIO,
+linear weights transposed, BatchNorm weight/bias/running_mean/running_var -> scale/bias and the
+batch_stats mean/var; `num_batches_tracked` is dropped. The conversion is refused, in one line,
+unless every tensor is used and every parameter of the network is filled with the right shape.
+
+torch is needed only here, to unpickle the file, and is imported when a file is read.
+"""
+import argparse
+import hashlib
+import os
+import re
+
+import jax
+import numpy as np
+
+from utils.errors import UserError
+
+# PyTorch module names of the classifier, by architecture; all become the zoo's `classifier`.
+CLASSIFIER_NAMES = ("fc", "linear", "classifier", "classifier.0")
+# PyTorch BatchNorm tensor -> (flax collection, leaf).
+BATCH_NORM_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+                     "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+DEFAULT_DATA_NAME = "CIFAR100_x32"  # RepDistiller's teachers are CIFAR-100 networks
+
+
+def add_command(subparsers):
+    """The `torch` subcommand of `python -m utils.convert`."""
+    from models.zoo import model_names
+
+    parser = subparsers.add_parser(
+        "torch", help="a RepDistiller/CRD CIFAR checkpoint (.pth) -> a resnet export",
+        description="Convert a PyTorch state dict of RepDistiller/CRD's CIFAR zoo (the teachers GenDD "
+                    "distills from) into the project's 'resnet' export, loadable as a KD student, EDFM "
+                    "backbone (pretrained_resnet), GenDD teacher (teacher_dir) or by evaluate.py. Needs "
+                    "torch to read the file.")
+    parser.add_argument("src", metavar="SRC", help="the .pth file: {'model': state_dict, ...} or a state dict")
+    parser.add_argument("dst", metavar="DST", help="the export directory to create (refused if it exists)")
+    parser.add_argument("--arch", required=True, metavar="NAME",
+                        help=f"the network; one of {', '.join(model_names())} (RepDistiller's names "
+                             f"vgg8..vgg19 and MobileNetV2 are accepted too)")
+    parser.add_argument("--num_classes", type=int, default=None, metavar="N",
+                        help="the classes (default: the classifier's output size in SRC)")
+    parser.add_argument("--data_name", default=DEFAULT_DATA_NAME, metavar="NAME",
+                        help=f"the data set the network was trained on (default {DEFAULT_DATA_NAME})")
+    parser.add_argument("--pixel_mean", type=float, nargs="+", default=None, metavar="M",
+                        help="per-channel mean the network standardizes its [0, 1] input with "
+                             "(default RepDistiller's CIFAR-100: 0.5071 0.4867 0.4408)")
+    parser.add_argument("--pixel_std", type=float, nargs="+", default=None, metavar="S",
+                        help="per-channel std (default RepDistiller's CIFAR-100: 0.2675 0.2565 0.2761)")
+    parser.add_argument("--trust_pickle", action="store_true",
+                        help="unpickle arbitrary objects in SRC (runs code from the file: only for files "
+                             "you trust); by default only tensors, containers and argparse Namespaces load")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace):
+    convert_torch(args.src, args.dst, args.arch, num_classes=args.num_classes, data_name=args.data_name,
+                  pixel_mean=args.pixel_mean, pixel_std=args.pixel_std, trust_pickle=args.trust_pickle)
+    print(f"wrote {args.dst} ({args.arch} from {args.src})")
+
+
+# ------------------------------------------------------------------------------ reading .pth
+def load_torch_file(path: str, trust_pickle: bool = False):
+    """The unpickled object of a torch.save file, tensors on the CPU."""
+    try:
+        import torch
+    except ImportError:
+        raise UserError("reading a PyTorch checkpoint needs torch: pip install torch") from None
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        # CRD's *_last.pth files also pickle the training options (an argparse Namespace).
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a bad file; name the file and cause
+        message = " ".join(str(error).split())
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        if unsafe:
+            raise UserError(f"{path} holds a pickled {unsafe.group(1)}, not only tensors and containers; "
+                            f"if you trust the file (unpickling runs its code), pass --trust_pickle") from None
+        detail = message.split("WeightsUnpickler error:")[-1].split(" Check the documentation")[0].strip()
+        raise UserError(f"{path} is not a readable PyTorch checkpoint: {detail[:200]}") from None
+
+
+def find_state_dict(checkpoint, path: str = "checkpoint") -> dict:
+    """{key: numpy array} of the state dict in a loaded checkpoint: its 'model' (CRD/RepDistiller)
+    or 'state_dict' entry or the object itself; DataParallel's `module.` prefix removed."""
+    def is_state_dict(obj):
+        return isinstance(obj, dict) and obj and all(hasattr(v, "detach") for v in obj.values())
+
+    state = None
+    if isinstance(checkpoint, dict):
+        for key in ("model", "state_dict"):
+            if is_state_dict(checkpoint.get(key)):
+                state = checkpoint[key]
+                break
+        else:
+            if is_state_dict(checkpoint):
+                state = checkpoint
+    if state is None:
+        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise UserError(f"{path} holds no state dict (expected a dict of tensors, or one under 'model' "
+                        f"or 'state_dict'; found {found})")
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return {key: value.detach().cpu().float().numpy() if value.is_floating_point() else value.numpy()
+            for key, value in state.items()}
+
+
+# --------------------------------------------------------------------------- placing tensors
+def _flax_place(torch_key: str) -> tuple[str, str]:
+    """(flax module name, PyTorch tensor name) of a state-dict key."""
+    module, _, tensor = torch_key.rpartition(".")
+    if module in CLASSIFIER_NAMES:
+        return "classifier", tensor
+    return module.replace(".", "_"), tensor
+
+
+def _torch_key(module: str, leaf: str) -> str:
+    """The state-dict key that fills flax's module/leaf (the zoo's names have '_' only where
+    PyTorch's have '.')."""
+    if module == "classifier":
+        return f"{' or '.join(CLASSIFIER_NAMES)}.{'weight' if leaf == 'kernel' else leaf}"
+    tensor = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
+    return f"{module.replace('_', '.')}.{tensor}"
+
+
+def _layout(value: np.ndarray) -> np.ndarray:
+    """PyTorch weight layout -> flax: conv OIHW -> HWIO, linear [out, in] -> [in, out]."""
+    if value.ndim == 4:
+        return value.transpose(2, 3, 1, 0)
+    if value.ndim == 2:
+        return value.T
+    return value
+
+
+def state_dict_to_variables(state: dict, like: dict, arch: str, source: str = "checkpoint") -> dict:
+    """The flax variables {'params', 'batch_stats'} shaped as `like` (shapes or arrays) from a
+    PyTorch state dict; UserError (one line) unless every tensor is used and every leaf filled."""
+    like = jax.tree.map(np.shape, like)
+    modules = {}  # flax module name -> {(collection, leaf): shape}, in the network's order
+    for collection in sorted(like, key=lambda name: name != "params"):
+        for module, leaves in like[collection].items():
+            for leaf, shape in leaves.items():
+                modules.setdefault(module, {})[(collection, leaf)] = shape
+    filled, unused, problems = {}, [], []
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        module, tensor = _flax_place(key)
+        leaves = modules.get(module)
+        if leaves is None:
+            unused.append(key)
+            continue
+        if ("params", "scale") in leaves:  # a BatchNorm
+            place, value = BATCH_NORM_LEAVES.get(tensor), value
+        else:
+            place = {"weight": ("params", "kernel"), "bias": ("params", "bias")}.get(tensor)
+            value = _layout(value)
+        if place not in leaves:
+            unused.append(key)
+            continue
+        expected = tuple(leaves[place])
+        if value.shape != expected:
+            problems.append(f"tensor {key} has shape {tuple(state[key].shape)}, but {arch}'s "
+                            f"{module}/{place[1]} needs {expected} (after the layout change)")
+            continue
+        filled[(place[0], module, place[1])] = value.astype(np.float32)
+    missing = [(module, leaf) for module, leaves in modules.items() for (collection, leaf) in leaves
+               if (collection, module, leaf) not in filled]
+    counts = f"{len(problems)} shape mismatches, {len(unused)} unused tensors, {len(missing)} unfilled arrays"
+    if problems:
+        raise UserError(f"{source} does not fit --arch {arch}: {problems[0]} ({counts})")
+    if unused:
+        raise UserError(f"{source} does not fit --arch {arch}: tensor {unused[0]} has no place in it "
+                        f"({counts})")
+    if missing:
+        module, leaf = missing[0]
+        raise UserError(f"{source} does not fit --arch {arch}: nothing in the file for {module}/{leaf} "
+                        f"(PyTorch's {_torch_key(module, leaf)}) ({counts})")
+    variables = {}
+    for (collection, module, leaf), value in filled.items():
+        variables.setdefault(collection, {}).setdefault(module, {})[leaf] = value
+    return variables
+
+
+def _classifier_classes(state: dict) -> int | None:
+    for name in CLASSIFIER_NAMES:
+        bias = state.get(f"{name}.bias")
+        if bias is not None and bias.ndim == 1:
+            return int(bias.shape[0])
+    return None
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_torch(src: str, dst: str, arch: str, num_classes: int | None = None,
+                  data_name: str = DEFAULT_DATA_NAME, pixel_mean=None, pixel_std=None,
+                  trust_pickle: bool = False) -> str:
+    """Convert the PyTorch checkpoint `src` of zoo network `arch` into the export `dst`; returns dst."""
+    from data.datasets import get_spec
+    from models.zoo import build_model, canonical_arch, variable_shapes
+    from utils.checkpoints import resnet_export, save_export
+
+    if os.path.lexists(dst):
+        raise UserError(f"{dst} already exists; not overwriting it (give a new export directory)")
+    try:
+        arch = canonical_arch(arch)
+    except ValueError as error:
+        raise UserError(f"--arch: {error}") from None
+    spec = get_spec(data_name)
+    for name, stats in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
+        if stats is not None and len(stats) != spec.image_shape[-1]:
+            raise UserError(f"--{name} needs {spec.image_shape[-1]} values for {data_name}, got {len(stats)}")
+    checkpoint = load_torch_file(src, trust_pickle)
+    state = find_state_dict(checkpoint, src)
+    file_classes = _classifier_classes(state)
+    num_classes = num_classes or file_classes
+    if num_classes is None:
+        raise UserError(f"{src}: no classifier bias ({', '.join(CLASSIFIER_NAMES)}) to read the classes "
+                        f"from; pass --num_classes")
+    if num_classes != spec.num_classes:
+        raise UserError(f"{src}: a {num_classes}-class network, but {data_name} has {spec.num_classes} "
+                        f"classes; pass the right --data_name")
+    fields = {name: tuple(stats) for name, stats in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std))
+              if stats is not None}
+    model = build_model(arch, num_classes, **fields)
+    variables = state_dict_to_variables(state, variable_shapes(model, tuple(spec.image_shape)), arch, src)
+    arrays, sidecar = resnet_export(model, variables["params"], {"batch_stats": variables["batch_stats"]})
+    source = {"file": os.path.abspath(src), "sha256": _sha256(src), "format": "pytorch state dict",
+              "converter": "python -m utils.convert torch"}
+    if isinstance(checkpoint, dict):  # CRD/RepDistiller record these beside the weights
+        for key in ("epoch", "accuracy", "best_acc"):
+            value = checkpoint.get(key)
+            if hasattr(value, "item"):
+                value = value.item()
+            if isinstance(value, (int, float)):
+                source[key] = value
+    save_export(dst, arrays, {**sidecar, "data_name": data_name, "method": f"PyTorch {arch}", "source": source})
+    return dst
