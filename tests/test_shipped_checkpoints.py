@@ -95,6 +95,16 @@ def test_shipped_checkpoints_are_small_and_hold_no_training_state():
         assert sorted(os.listdir(run_dir)) == ["config.yaml", "metrics.jsonl", "model"], run_dir
 
 
+def test_shipped_exports_carry_the_hashes_of_their_arrays():
+    """Every shipped export is checked on load like a fresh one (a damaged file is an error)."""
+    from utils.checkpoints import array_hashes, load_export
+
+    exports = list(_runs()) + [os.path.join(KD, "model"), os.path.join(CE_TEACHER, "model")]
+    for export in exports:
+        arrays, sidecar = load_export(export)
+        assert sidecar["array_sha256"] == array_hashes(arrays), export
+
+
 @pytest.fixture(scope="module")
 def test_slice():
     from data.datasets import load_dataset

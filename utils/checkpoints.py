@@ -284,12 +284,32 @@ def save_resnet(directory: str, model, params, model_state, **info):
     save_export(directory, arrays, {**sidecar, **info})
 
 
+def check_variables(directory: str, model, variables: dict):
+    """The arrays of an export against the network its sidecar describes (a sidecar edited, or
+    copied from another export): one line naming the first array that differs."""
+    import jax.numpy as jnp
+
+    channels = len(getattr(model, "pixel_mean", (0, 0, 0)))
+    size = getattr(model, "input_size", 32)
+    rngs = {name: jax.random.PRNGKey(0) for name in ("params", "noise", "dropout")}
+    expected = _shapes(jax.eval_shape(model.init, rngs, jnp.zeros((1, size, size, channels))))
+    found = _shapes(variables)
+    for name in sorted(set(expected) | set(found)):
+        if expected.get(name) != found.get(name):
+            raise UserError(f"{directory}: its {SIDECAR} describes a network whose {name} is "
+                            f"{expected.get(name, 'absent')}, but its arrays hold "
+                            f"{found.get(name, 'none')} (a sidecar that is not this export's?)")
+
+
 def load_resnet(directory: str, dtype=None):
-    """(model, variables, sidecar) of an exported zoo network."""
+    """(model, variables, sidecar) of an exported zoo network, its arrays checked against the
+    architecture its sidecar names."""
     import jax.numpy as jnp
 
     from models.resnet import resnet_from_spec
 
     arrays, sidecar = load_export(directory, kind="resnet")
     model = resnet_from_spec(sidecar["model"], dtype=dtype or jnp.float32)
-    return model, {"params": arrays["params"], **arrays.get("model_state", {})}, sidecar
+    variables = {"params": arrays["params"], **arrays.get("model_state", {})}
+    check_variables(directory, model, variables)
+    return model, variables, sidecar

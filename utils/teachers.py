@@ -29,7 +29,7 @@ import numpy as np
 
 from models.resnet import ResNet, resnet_from_spec
 from models.swag import low_rank_leaf, swag_std
-from utils.checkpoints import SIDECAR, find_exports, load_export, read_sidecar
+from utils.checkpoints import SIDECAR, check_variables, find_exports, load_export, read_sidecar
 from utils.errors import UserError
 
 TEACHER_KIND = "swag_teacher"
@@ -114,6 +114,8 @@ def load_teachers(folder: str, data_name: str | None = None, dtype=jnp.float32) 
         sidecars.append(sidecar)
     stack = lambda trees: jax.tree.map(lambda *leaves: np.stack([np.asarray(x) for x in leaves]), *trees)
     model = resnet_from_spec(sidecars[0]["model"], dtype=dtype)
+    for run, mean in zip(runs, means):
+        check_variables(run, model, {"params": mean, **model_state})
     moments = {"mean": stack(means), "std": stack(stds), "model_state": model_state}
     if deviation_rank(deviations[0]):
         moments["deviations"] = stack(deviations)  # [R, K, ...]

@@ -197,6 +197,15 @@ def test_resnet_export_round_trip_gives_the_same_logits(tmp_path, norm):
     save_export(str(tmp_path / "other"), {"x": np.ones(1)}, {"kind": "edfm"})
     with pytest.raises(UserError, match="expected a 'resnet'"):
         load_resnet(str(tmp_path / "other"))
+    # a sidecar that disagrees with its arrays (edited, or another export's) is one line
+    with open(os.path.join(directory, SIDECAR)) as f:
+        edited = json.load(f)
+    edited["model"]["width"] = 2
+    with open(os.path.join(directory, SIDECAR), "w") as f:
+        json.dump(edited, f)
+    first = "batch_stats/stage0_block0_norm1/mean" if norm == "bn" else "params/classifier/kernel"
+    with pytest.raises(UserError, match=f"{SIDECAR} describes a network whose {first} is float32"):
+        load_resnet(directory)
 
 
 # --------------------------------------------------------------------------- RunCheckpoints
