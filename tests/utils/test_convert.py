@@ -16,6 +16,7 @@ from models.zoo import CIFAR100_MEAN, CIFAR100_STD, build_model, variable_shapes
 from utils.checkpoints import load_export, load_resnet
 from utils.convert.__main__ import main
 from utils.convert.from_torch import find_state_dict, state_dict_to_variables
+from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -110,6 +111,11 @@ def test_checkpoint_layouts_convert_alike(resnet8, torch, tmp_path):
                                   ours["params"]["classifier"]["kernel"])
     depthwise = ours["params"]["blocks_1_0_conv_3"]["kernel"]
     assert depthwise.shape == (3, 3, 1, 48)  # a depthwise conv: one input channel per group
+
+    doubled = {**resnet8["state"], "linear.weight": resnet8["state"]["fc.weight"]}
+    with pytest.raises(UserError, match="fc.weight and linear.weight both fill classifier/kernel"):
+        state_dict_to_variables(find_state_dict(doubled), variable_shapes(build_model("resnet8", 100), (32, 32, 3)),
+                                "resnet8")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -153,7 +153,7 @@ def state_dict_to_variables(state: dict, like: dict, arch: str, source: str = "c
         for module, leaves in like[collection].items():
             for leaf, shape in leaves.items():
                 modules.setdefault(module, {})[(collection, leaf)] = shape
-    filled, unused, problems = {}, [], []
+    filled, filled_by, unused, problems = {}, {}, [], []
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
@@ -163,7 +163,7 @@ def state_dict_to_variables(state: dict, like: dict, arch: str, source: str = "c
             unused.append(key)
             continue
         if ("params", "scale") in leaves:  # a BatchNorm
-            place, value = BATCH_NORM_LEAVES.get(tensor), value
+            place = BATCH_NORM_LEAVES.get(tensor)
         else:
             place = {"weight": ("params", "kernel"), "bias": ("params", "bias")}.get(tensor)
             value = _layout(value)
@@ -173,9 +173,13 @@ def state_dict_to_variables(state: dict, like: dict, arch: str, source: str = "c
         expected = tuple(leaves[place])
         if value.shape != expected:
             problems.append(f"tensor {key} has shape {tuple(state[key].shape)}, but {arch}'s "
-                            f"{module}/{place[1]} needs {expected} (after the layout change)")
+                            f"{module}/{place[1]} needs {expected} in flax's layout")
             continue
-        filled[(place[0], module, place[1])] = value.astype(np.float32)
+        target = (place[0], module, place[1])
+        if target in filled:  # e.g. both `fc.weight` and `linear.weight`
+            problems.append(f"tensors {filled_by[target]} and {key} both fill {module}/{place[1]}")
+            continue
+        filled[target], filled_by[target] = value.astype(np.float32), key
     missing = [(module, leaf) for module, leaves in modules.items() for (collection, leaf) in leaves
                if (collection, module, leaf) not in filled]
     counts = f"{len(problems)} shape mismatches, {len(unused)} unused tensors, {len(missing)} unfilled arrays"
