@@ -200,6 +200,8 @@ def _read_yaml(path):
             loaded = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except OSError as error:
+        raise UserError(f"cannot read the config file {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(loaded, dict):
