@@ -57,7 +57,12 @@ class CommonConfig:
     model_width: int = 2  # channel multiplier of every stage
     model_planes: int = 16  # channels of the first stage at width 1
     model_stem_planes: Optional[int] = None  # stem channels; default model_planes (resnet32x4: 32)
-    model_nobias: bool = False  # convolutions without biases
+    model_nobias: Optional[bool] = False  # convolutions without biases (null, as the reference's YAMLs: false)
+    # The reference's other model keys, accepted so its YAMLs parse unchanged (UNUSED below): a
+    # value that would change the network is refused
+    model_blocks: Optional[str] = None  # the reference's blocks per stage "n,n,n"; only (model_depth-2)/6 each
+    first_conv: Optional[str] = None  # the reference's K,S,P stem conv; only null (the 3x3 stride-1 stem)
+    first_pool: Optional[str] = None  # the reference's K,S,P max pool after the stem; only null (no pool)
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (parameters stay float32)
     # Optimisation (utils/optim.make_optimizer); each script sets its own defaults
     optim_bs: int = 256  # global batch size (over all devices)
@@ -77,7 +82,13 @@ class CommonConfig:
     eval_bs: int = 500  # inputs per prediction batch of that table
 
     ALIASES: ClassVar[dict] = {}  # the reference's name -> this project's key
-    UNUSED: ClassVar[tuple] = ()  # keys accepted for compatibility, never used
+    UNUSED: ClassVar[tuple] = ("model_blocks", "first_conv", "first_pool")  # accepted, never used (+ subclass's)
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass's UNUSED lists its own keys; the inherited ones are added here."""
+        super().__init_subclass__(**kwargs)
+        inherited = tuple(key for base in cls.__mro__[1:] for key in getattr(base, "UNUSED", ()))
+        cls.UNUSED = tuple(dict.fromkeys(inherited + tuple(cls.__dict__.get("UNUSED", ()))))
 
     def validate(self):
         """Range checks shared by every script; scripts extend this."""
@@ -106,12 +117,32 @@ class CommonConfig:
             raise UserError(f"num_train_examples must be >= 1, got {self.num_train_examples}")
         if self.model_name != "FlaxResNet":
             raise UserError(f"model_name must be FlaxResNet, got {self.model_name!r}")
+        self.validate_reference_model_keys()
         from models.resnet import parse_style  # local: config must not depend on models at import
 
         try:
             parse_style(self.model_style)
         except ValueError as error:
             raise UserError(str(error)) from None
+
+    def validate_reference_model_keys(self):
+        """The reference's model_nobias null is false; its model_blocks, first_conv and
+        first_pool are accepted only with values that build the network this project builds."""
+        if self.model_nobias is None:
+            self.model_nobias = False
+        if self.model_blocks is not None:
+            per_stage = (self.model_depth - 2) // 6
+            try:
+                blocks = [int(b) for b in str(self.model_blocks).split(",")]
+            except ValueError:
+                blocks = None
+            if blocks != [per_stage] * 3:
+                raise UserError(f"model_blocks {self.model_blocks!r} is not {per_stage},{per_stage},{per_stage}: "
+                                f"this ResNet has (model_depth-2)/6 blocks in each of its 3 stages; set it to null")
+        for key, what in (("first_conv", "a K,S,P stem conv"), ("first_pool", "a max pool after the stem")):
+            if getattr(self, key):  # null or "" (the reference's `if not first_conv`): none
+                raise UserError(f"{key} {getattr(self, key)} asks for {what}, which this ResNet does not build "
+                                f"(the CIFAR 3x3 stride-1 stem, no pool); set it to null")
 
 
 @dataclasses.dataclass

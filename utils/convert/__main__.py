@@ -13,7 +13,7 @@ from utils.errors import cli_main
 
 # Modules whose add_command(subparsers) adds one subcommand each; the subcommand's parser sets
 # `run` (args -> None) as its default.
-COMMANDS = ("utils.convert.from_torch",)
+COMMANDS = ("utils.convert.from_torch", "utils.convert.from_edfm_ref")
 
 
 def build_parser() -> argparse.ArgumentParser:
