@@ -34,7 +34,7 @@ import numpy as np
 
 from data.augment import configured_pipeline, eval_images
 from models.flow_matching import FIXED_METHODS, METHODS, flow_matching_loss, num_function_evals, solve
-from models.resnet import resnet_from_spec, resnet_spec
+from models.resnet import network_name, resnet_from_spec, resnet_spec
 from models.vector_field import AdaLNMLP
 from utils.checkpoints import find_export, load_export, load_resnet
 from utils.config import StudentConfig
@@ -289,9 +289,8 @@ def build(config: EdfmConfig, dataset) -> Run:
     teachers = load_teachers_checked(config, dataset)
     backbone, backbone_variables, backbone_sidecar, backbone_dir = load_backbone(
         config.pretrained_resnet, config.data_name, num_classes, dtype=dtype)
-    if (backbone.depth, backbone.width) != (config.model_depth, config.model_width):
-        print(f"note: the backbone is a ResNet-{backbone.depth}x{backbone.width} (from its sidecar); "
-              f"model_depth/model_width {config.model_depth}/{config.model_width} are not used")
+    print(f"note: the backbone is a {network_name(backbone)} (from its sidecar); the model_* keys "
+          f"are not used")
 
     # The head and its train state are built after the backbone is loaded (fixes [Q7]); the
     # backbone and the teachers go in `frozen`, so only the head is trained (and EMA-averaged).
@@ -320,7 +319,7 @@ def build(config: EdfmConfig, dataset) -> Run:
                                               backbone_variables, backbone_dir, backbone_sidecar),
         test_predictors=test_predictors,
         summary=f"EDFM head: {count_params(head_params):,} parameters on a frozen "
-                f"ResNet-{backbone.depth}x{backbone.width} ({cond_dim}-d feature); "
+                f"{network_name(backbone)} ({cond_dim}-d feature); "
                 f"{teachers.num_runs} teacher runs; {steps} steps/epoch")
 
 

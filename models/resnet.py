@@ -144,6 +144,11 @@ SPEC_FIELDS = ("num_classes", "depth", "width", "planes", "stem_planes", "norm",
                "conv_bias", "pixel_mean", "pixel_std", "noise_std")
 
 
+def network_name(model) -> str:
+    """How logs name a network: ResNet-8x2 for this module's, the registry name for the zoo's."""
+    return f"ResNet-{model.depth}x{model.width}" if isinstance(model, ResNet) else model.arch
+
+
 def resnet_spec(model) -> dict:
     """The architecture as a JSON-able dict, for checkpoint sidecars. A zoo network (models.zoo)
     writes its registry name as "arch" plus its constructor fields."""

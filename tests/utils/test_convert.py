@@ -59,7 +59,8 @@ def convert_fails(capsys, *argv) -> str:
 
 def test_converted_export_predicts_as_kd_student_and_loads_as_teacher(resnet8, torch, tmp_path):
     import gendd
-    from edfm import load_backbone
+    from edfm import feature_dim, load_backbone
+    from models.resnet import network_name
     from utils.predict import load_predictor, predict
 
     export = tmp_path / "teacher"
@@ -82,7 +83,10 @@ def test_converted_export_predicts_as_kd_student_and_loads_as_teacher(resnet8, t
 
     teacher, teacher_variables, _ = gendd.load_teacher(str(export), "CIFAR100_x32", 100)
     assert teacher == model and "classifier" in teacher_variables["params"]
-    backbone, _, _, _ = load_backbone(str(export), "CIFAR100_x32", 100)
+    backbone, backbone_variables, _, _ = load_backbone(str(export), "CIFAR100_x32", 100)
+    # EDFM conditions its head on the backbone's pooled feature (resnet8: 64 channels)
+    assert feature_dim(backbone, backbone_variables, (32, 32, 3)) == 64
+    assert network_name(backbone) == "resnet8"
     assert backbone == model
 
 
