@@ -72,6 +72,9 @@ class FedConfig(StudentConfig):
         super().validate()
         if self.kernel != "rbf":
             raise UserError(f"kernel must be rbf, got {self.kernel!r}")
+        if self.model_arch is not None:
+            raise UserError("fed.py's generator is the noise-injected ResNet of the model_* keys: "
+                            "model_arch must be null")
         checks = [("num_teachers", self.num_teachers >= 1, ">= 1"),
                   ("num_ensembles", self.num_ensembles >= 1, ">= 1"),
                   ("noise_std", self.noise_std > 0, "> 0 (the generator needs its noise)")]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from data.augment import configured_pipeline, eval_images
 from models import losses
-from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
+from models.resnet import network_name, resnet_from_config, resnet_from_spec, resnet_spec
 from utils.checkpoints import load_export
 from utils.config import StudentConfig
 from utils.driver import load_teachers_checked, train_main
@@ -157,7 +157,7 @@ def build(config: HydraConfig, dataset) -> Run:
                optimizer=optimizer, lr_schedule=schedule, frozen={"teachers": teachers.moments},
                select_metric=config.select_metric, export=export,
                summary=f"Hydra: {config.num_heads} heads of width {config.head_width} on a "
-                       f"ResNet-{config.model_depth}x{config.model_width}; "
+                       f"{network_name(body)}; "
                        f"{teachers.num_runs} teacher runs")
 
 

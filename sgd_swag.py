@@ -51,9 +51,10 @@ class SwagConfig(CommonConfig):
         if not 0 <= self.start_decay_epoch <= self.start_swa_epoch <= self.optim_ne:
             raise UserError("need 0 <= start_decay_epoch <= start_swa_epoch <= optim_ne, got "
                             f"{self.start_decay_epoch}, {self.start_swa_epoch}, {self.optim_ne}")
-        if self.swag and self.model_style.upper().startswith("BN"):
+        if self.swag and (self.model_style.upper().startswith("BN") or self.model_arch):
             raise UserError("SWAG moments carry no BatchNorm statistics: use an FRN model_style "
-                            "with swag: true, or swag: false for a BatchNorm network")
+                            "with swag: true, or swag: false for a BatchNorm network (every "
+                            "model_arch of the zoo)")
         if self.freq < 1 or self.num_swag_samples < 1:
             raise UserError("freq and num_swag_samples must be >= 1")
         if self.optim_swa_lr <= 0:

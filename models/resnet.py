@@ -131,8 +131,16 @@ class ResNet(nn.Module):
 
 
 def resnet_from_config(config, num_classes: int, pixel_mean, pixel_std, *, noise_std: float = 0.0,
-                       dtype=jnp.float32) -> ResNet:
-    """Build the zoo member named by the config's model_* keys (reference key names)."""
+                       dtype=jnp.float32):
+    """The network the config names: the zoo's `model_arch` (models.zoo, e.g. resnet8x4), else
+    this module's ResNet from the model_* keys (reference key names)."""
+    if getattr(config, "model_arch", None):
+        from models.zoo import build_model
+
+        if noise_std:
+            raise ValueError("a zoo network (model_arch) cannot be FED's noise-injected generator")
+        return build_model(config.model_arch, num_classes, pixel_mean=tuple(pixel_mean),
+                           pixel_std=tuple(pixel_std), dtype=dtype)
     norm, activation = parse_style(config.model_style)
     return ResNet(num_classes=num_classes, depth=config.model_depth, width=config.model_width,
                   planes=config.model_planes, stem_planes=config.model_stem_planes, norm=norm,

@@ -52,6 +52,7 @@ class CommonConfig:
     num_train_examples: Optional[int] = None  # use only the first N training examples
     # Model (the reference's model_* keys)
     model_name: str = "FlaxResNet"  # FlaxResNet (the reference's only choice)
+    model_arch: Optional[str] = None  # a models.zoo network (resnet8x4, wrn_16_2, ...); null: model_*
     model_style: str = "FRN-Swish"  # normalisation-activation: FRN-Swish | BN-ReLU | FRN-ReLU | BN-Swish
     model_depth: int = 32  # 6n+2 layers (8, 14, 20, 32, ...)
     model_width: int = 2  # channel multiplier of every stage
@@ -117,6 +118,13 @@ class CommonConfig:
             raise UserError(f"num_train_examples must be >= 1, got {self.num_train_examples}")
         if self.model_name != "FlaxResNet":
             raise UserError(f"model_name must be FlaxResNet, got {self.model_name!r}")
+        if self.model_arch is not None:
+            from models.zoo import canonical_arch  # local, as parse_style below
+
+            try:
+                self.model_arch = canonical_arch(self.model_arch)
+            except ValueError as error:
+                raise UserError(f"model_arch: {error}") from None
         self.validate_reference_model_keys()
         from models.resnet import parse_style  # local: config must not depend on models at import
 
