@@ -13,6 +13,8 @@ from models.zoo.base import (CIFAR100_MEAN, CIFAR100_STD, ZooNet, build_model, c
                              model_names, register_model, variable_shapes, zoo_from_spec, zoo_spec)
 # The families register themselves on import.
 from models.zoo import resnet_cifar, wrn, vgg, mobilenetv2, shufflenet  # noqa: F401,E402
+# torchvision's ImageNet ResNets/ResNeXts and GenDD's ImageNet MobileNetV1.
+from models.zoo import resnet_imagenet, mobilenetv1  # noqa: F401,E402
 
 __all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "ZooNet", "build_model", "canonical_arch", "model_names",
            "register_model", "variable_shapes", "zoo_from_spec", "zoo_spec"]

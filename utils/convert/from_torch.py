@@ -1,6 +1,8 @@
-"""PyTorch checkpoints of RepDistiller/CRD's CIFAR zoo -> the project's "resnet" export.
+"""PyTorch checkpoints of the zoo (RepDistiller/CRD's CIFAR networks; torchvision's ImageNet
+ResNets/ResNeXts and GenDD's ImageNet MobileNetV1) -> the project's "resnet" export.
 
     python -m utils.convert torch ckpt_epoch_240.pth runs/teachers/resnet110 --arch resnet110
+    python -m utils.convert torch resnet50-19c8e357.pth runs/teachers/resnet50 --arch resnet50
 
 Reads `{'model': state_dict, ...}` (CRD/RepDistiller's `torch.save`), `{'state_dict': ...}` or a
 bare state dict, with or without DataParallel's `module.` prefix, tensors saved on any device.
@@ -29,6 +31,9 @@ CLASSIFIER_NAMES = ("fc", "linear", "classifier", "classifier.0")
 BATCH_NORM_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
                      "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 DEFAULT_DATA_NAME = "CIFAR100_x32"  # RepDistiller's teachers are CIFAR-100 networks
+# Data sets a converted network may name that data/ cannot load (yet): name -> (classes, image shape).
+# The name is recorded in the sidecar; the zoo's ImageNet members default to it (default_data_name).
+EXTERNAL_DATA = {"imagenet2012": (1000, (224, 224, 3))}
 
 
 def add_command(subparsers):
@@ -36,25 +41,29 @@ def add_command(subparsers):
     from models.zoo import model_names
 
     parser = subparsers.add_parser(
-        "torch", help="a RepDistiller/CRD CIFAR checkpoint (.pth) -> a resnet export",
-        description="Convert a PyTorch state dict of RepDistiller/CRD's CIFAR zoo (the teachers GenDD "
-                    "distills from) into the project's 'resnet' export, loadable as a KD student, EDFM "
+        "torch", help="a PyTorch checkpoint (.pth) of a zoo network -> a resnet export",
+        description="Convert a PyTorch state dict of a zoo network (RepDistiller/CRD's CIFAR zoo, the teachers "
+                    "GenDD distills from; torchvision's ImageNet ResNets/ResNeXts; GenDD's ImageNet "
+                    "MobileNetV1) into the project's 'resnet' export, loadable as a KD student, EDFM "
                     "backbone (pretrained_resnet), GenDD teacher (teacher_dir) or by evaluate.py. Needs "
                     "torch to read the file.")
     parser.add_argument("src", metavar="SRC", help="the .pth file: {'model': state_dict, ...} or a state dict")
     parser.add_argument("dst", metavar="DST", help="the export directory to create (refused if it exists)")
     parser.add_argument("--arch", required=True, metavar="NAME",
                         help=f"the network; one of {', '.join(model_names())} (RepDistiller's names "
-                             f"vgg8..vgg19 and MobileNetV2 are accepted too)")
+                             f"vgg8..vgg19 and MobileNetV2, and GenDD's MobileNetV1, are accepted too)")
     parser.add_argument("--num_classes", type=int, default=None, metavar="N",
                         help="the classes (default: the classifier's output size in SRC)")
-    parser.add_argument("--data_name", default=DEFAULT_DATA_NAME, metavar="NAME",
-                        help=f"the data set the network was trained on (default {DEFAULT_DATA_NAME})")
+    parser.add_argument("--data_name", default=None, metavar="NAME",
+                        help=f"the data set the network was trained on (default {DEFAULT_DATA_NAME} for the "
+                             f"CIFAR zoo, {', '.join(EXTERNAL_DATA)} for the ImageNet networks)")
     parser.add_argument("--pixel_mean", type=float, nargs="+", default=None, metavar="M",
                         help="per-channel mean the network standardizes its [0, 1] input with "
-                             "(default RepDistiller's CIFAR-100: 0.5071 0.4867 0.4408)")
+                             "(default the network's: RepDistiller's CIFAR-100 0.5071 0.4867 0.4408 for "
+                             "the CIFAR zoo, ImageNet's 0.485 0.456 0.406 for the ImageNet networks)")
     parser.add_argument("--pixel_std", type=float, nargs="+", default=None, metavar="S",
-                        help="per-channel std (default RepDistiller's CIFAR-100: 0.2675 0.2565 0.2761)")
+                        help="per-channel std (default the network's: 0.2675 0.2565 0.2761 for the CIFAR "
+                             "zoo, 0.229 0.224 0.225 for the ImageNet networks)")
     parser.add_argument("--trust_pickle", action="store_true",
                         help="unpickle arbitrary objects in SRC (runs code from the file: only for files "
                              "you trust); by default only tensors, containers and argparse Namespaces load")
@@ -214,11 +223,25 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def convert_torch(src: str, dst: str, arch: str, num_classes: int | None = None,
-                  data_name: str = DEFAULT_DATA_NAME, pixel_mean=None, pixel_std=None,
-                  trust_pickle: bool = False) -> str:
-    """Convert the PyTorch checkpoint `src` of zoo network `arch` into the export `dst`; returns dst."""
+def _data_shape(data_name: str) -> tuple[int, tuple]:
+    """(classes, image shape (H, W, C)) of `data_name`: data/'s data sets and EXTERNAL_DATA."""
     from data.datasets import get_spec
+
+    if data_name in EXTERNAL_DATA:
+        return EXTERNAL_DATA[data_name]
+    try:
+        spec = get_spec(data_name)
+    except UserError as error:
+        raise UserError(f"{error}; or, for a converted network, {', '.join(EXTERNAL_DATA)}") from None
+    return spec.num_classes, tuple(spec.image_shape)
+
+
+def convert_torch(src: str, dst: str, arch: str, num_classes: int | None = None,
+                  data_name: str | None = None, pixel_mean=None, pixel_std=None,
+                  trust_pickle: bool = False) -> str:
+    """Convert the PyTorch checkpoint `src` of zoo network `arch` into the export `dst`; returns dst.
+    `data_name` defaults to the network's (`default_data_name`: ImageNet's for the ImageNet
+    members), else DEFAULT_DATA_NAME."""
     from models.zoo import build_model, canonical_arch, variable_shapes
     from utils.checkpoints import resnet_export, save_export
 
@@ -228,10 +251,16 @@ def convert_torch(src: str, dst: str, arch: str, num_classes: int | None = None,
         arch = canonical_arch(arch)
     except ValueError as error:
         raise UserError(f"--arch: {error}") from None
-    spec = get_spec(data_name)
+    network = build_model(arch, 1)
+    data_name = data_name or getattr(network, "default_data_name", DEFAULT_DATA_NAME)
+    data_classes, image_shape = _data_shape(data_name)
+    size = getattr(network, "input_size", None)  # a network that takes one input size only
+    if size is not None and image_shape[:2] != (size, size):
+        raise UserError(f"--arch {arch} takes {size}x{size} images only, but {data_name}'s are "
+                        f"{image_shape[0]}x{image_shape[1]}")
     for name, stats in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
-        if stats is not None and len(stats) != spec.image_shape[-1]:
-            raise UserError(f"--{name} needs {spec.image_shape[-1]} values for {data_name}, got {len(stats)}")
+        if stats is not None and len(stats) != image_shape[-1]:
+            raise UserError(f"--{name} needs {image_shape[-1]} values for {data_name}, got {len(stats)}")
     checkpoint = load_torch_file(src, trust_pickle)
     state = find_state_dict(checkpoint, src)
     file_classes = _classifier_classes(state)
@@ -239,13 +268,13 @@ def convert_torch(src: str, dst: str, arch: str, num_classes: int | None = None,
     if num_classes is None:
         raise UserError(f"{src}: no classifier bias ({', '.join(CLASSIFIER_NAMES)}) to read the classes "
                         f"from; pass --num_classes")
-    if num_classes != spec.num_classes:
-        raise UserError(f"{src}: a {num_classes}-class network, but {data_name} has {spec.num_classes} "
+    if num_classes != data_classes:
+        raise UserError(f"{src}: a {num_classes}-class network, but {data_name} has {data_classes} "
                         f"classes; pass the right --data_name")
     fields = {name: tuple(stats) for name, stats in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std))
               if stats is not None}
     model = build_model(arch, num_classes, **fields)
-    variables = state_dict_to_variables(state, variable_shapes(model, tuple(spec.image_shape)), arch, src)
+    variables = state_dict_to_variables(state, variable_shapes(model, image_shape), arch, src)
     arrays, sidecar = resnet_export(model, variables["params"], {"batch_stats": variables["batch_stats"]})
     source = {"file": os.path.abspath(src), "sha256": _sha256(src), "format": "pytorch state dict",
               "converter": "python -m utils.convert torch"}
