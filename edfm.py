@@ -43,7 +43,7 @@ from utils.errors import UserError
 from utils.method import Method, Run, Sweep, register
 from utils.optim import make_optimizer, warmup_cosine
 from utils.predict import Predictor, count_params, predict, resnet_predictor
-from utils.teachers import sample_teacher_logits, teacher_predictor
+from utils.teachers import configured_teacher, sample_teacher_logits
 from utils.trainer import TrainState, prediction_metrics, steps_per_epoch
 
 EDFM_KIND = "edfm"
@@ -304,7 +304,7 @@ def build(config: EdfmConfig, dataset) -> Run:
     optimizer = make_optimizer(config, schedule)
 
     def test_predictors(export_dir):
-        return [teacher_predictor(config.teacher_dir, config.teacher_samples_per_run, config.seed),
+        return [configured_teacher(config),
                 resnet_predictor(backbone, backbone_variables, backbone_sidecar, "KD backbone"),
                 load_predictor(export_dir, num_members=config.num_ensembles,
                                solver=config.sample_solver, seed=config.seed)]

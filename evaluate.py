@@ -9,7 +9,8 @@ Inputs
   evaluate config is read strictly; another script's config, e.g. a training YAML, lends only its
   data_name, data_root, download and teacher_dir);
 - `teacher_dir`: a folder of MultiSWAG runs (or one run); the teacher ensemble is
-  R runs x `teacher_samples_per_run` SWAG samples, drawn once with `seed`;
+  R runs x `teacher_samples_per_run` SWAG samples, drawn once with `seed`, or with
+  `teacher_mode: swa_means` the R runs' SWA means (the reference's offline evaluation);
 - `students`: in YAML `students: [{name: KD, path: runs/kd/x, options: {...}}]`, on the command
   line `--students name=path,name=path` (or the YAML list inline). `path` is a run directory or
   its `model/` export; `options` go to the method's load_predictor (e.g. EDFM
@@ -62,7 +63,7 @@ from utils.errors import UserError, cli_main
 from utils.evaluation import check_classes, ensemble_summary, ood_aurocs, uncertainty_scores
 from utils.method import register_config
 from utils.predict import Runner, check_options, ensemble_predictor, load_predictor
-from utils.teachers import find_teacher_runs, teacher_predictor
+from utils.teachers import configured_teacher, find_teacher_runs
 from utils.trainer import make_mesh
 
 
@@ -367,13 +368,19 @@ def sweep_tables(sweeps: dict) -> list[str]:
     return parts
 
 
+def teacher_description(config) -> str:
+    if config.teacher_mode == "swa_means":
+        return "the SWA mean of each run"
+    return f"{config.teacher_samples_per_run} SWAG samples per run"
+
+
 def write_markdown(path: str, config, results: dict, shift_names, ood_names, sweeps: dict,
                    plot_names, info: dict, latency_bs: int):
     lines = [
         f"# Evaluation on {config.data_name}",
         "",
         f"{info['num_test']} test inputs{' (capped)' if config.num_test_examples else ''}; "
-        f"teacher {config.teacher_dir} ({config.teacher_samples_per_run} SWAG samples per run); "
+        f"teacher {config.teacher_dir} ({teacher_description(config)}); "
         f"{info['date']} on {info['device']}. Every number is in results.json.",
         "",
         "Ensemble = mean of the members' softmax. KL = KL(teacher ‖ student) of the ensembles; "
@@ -468,7 +475,7 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
         f"{len(ood)} OOD sets ({', '.join(ood) or 'none'})")
 
     start = time.perf_counter()
-    teacher = teacher_predictor(config.teacher_dir, config.teacher_samples_per_run, config.seed)
+    teacher = configured_teacher(config)
     if teacher.sidecar.get("data_name") not in (None, config.data_name):
         raise UserError(f"the teachers in {config.teacher_dir} were trained on "
                         f"{teacher.sidecar['data_name']}, not {config.data_name}")

@@ -80,6 +80,7 @@ class CommonConfig:
     select_metric: Optional[str] = None  # validation metric that picks the export; null: the last
     test_table: bool = False  # end with a test-set table: the teacher ensemble and the export
     teacher_samples_per_run: int = 3  # SWAG samples per teacher run in that table
+    teacher_mode: str = "swag"  # that table's teacher: swag (runs x samples) | swa_means (a mean per run)
     eval_bs: int = 500  # inputs per prediction batch of that table
 
     ALIASES: ClassVar[dict] = {}  # the reference's name -> this project's key
@@ -98,6 +99,8 @@ class CommonConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise UserError(f"config key {key} must be >= 1, got {getattr(self, key)}")
+        if self.teacher_mode not in ("swag", "swa_means"):
+            raise UserError(f"teacher_mode must be swag or swa_means, got {self.teacher_mode!r}")
         if self.optim not in ("sgd", "adam", "adamw"):
             raise UserError(f"optim must be sgd or adam (AdamW), got {self.optim!r}")
         ranges = [("optim_lr", self.optim_lr > 0, "> 0"),

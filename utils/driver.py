@@ -18,7 +18,7 @@ from utils.config import parse_config, prepare_run_dir, save_config
 from utils.errors import UserError, cli_main
 from utils.evaluation import default_key, format_test_table, test_table
 from utils.method import Method, Run
-from utils.teachers import load_teachers, teacher_predictor
+from utils.teachers import configured_teacher, load_teachers
 from utils.trainer import Trainer
 
 
@@ -66,7 +66,7 @@ def check_select_metric(run: Run, dataset):
 def default_test_predictors(method: Method, config):
     """The teacher ensemble (when the config names one) and the exported model."""
     def predictors(export_dir):
-        teacher = ([teacher_predictor(config.teacher_dir, config.teacher_samples_per_run, config.seed)]
+        teacher = ([configured_teacher(config)]
                    if getattr(config, "teacher_dir", None) else [])
         return teacher + [method.load_predictor(export_dir)]
 

@@ -209,13 +209,31 @@ def ensemble_logits(model, member_params, images, chunk: int | None = -1, model_
     return jax.lax.map(apply, member_params, batch_size=chunk)
 
 
-def teacher_predictor(folder: str, samples_per_run: int = 3, seed: int = 0):
-    """The evaluation ensemble: R runs × S SWAG samples, drawn once with a fixed key."""
+TEACHER_MODES = ("swag", "swa_means")
+
+
+def configured_teacher(config):
+    """The evaluation ensemble a config names: teacher_dir, teacher_mode, teacher_samples_per_run,
+    seed (evaluate.py and every script's test table)."""
+    return teacher_predictor(config.teacher_dir, config.teacher_samples_per_run, config.seed,
+                             config.teacher_mode)
+
+
+def teacher_predictor(folder: str, samples_per_run: int = 3, seed: int = 0, mode: str = "swag"):
+    """The evaluation ensemble: R runs × S SWAG samples, drawn once with a fixed key ("swag"),
+    or the R runs' SWA means themselves ("swa_means", the reference's offline evaluation)."""
     from utils.predict import Predictor, count_params
 
+    if mode not in TEACHER_MODES:
+        raise UserError(f"teacher_mode must be one of {', '.join(TEACHER_MODES)}, got {mode!r}")
     teachers = load_teachers(folder)
-    members = jax.jit(fixed_members, static_argnums=2)(jax.random.PRNGKey(seed), teachers.moments,
-                                                       samples_per_run)
+    if mode == "swa_means":
+        members, samples_per_run = teachers.moments["mean"], 1
+        name = f"Teacher ({teachers.num_runs} SWA means)"
+    else:
+        members = jax.jit(fixed_members, static_argnums=2)(jax.random.PRNGKey(seed), teachers.moments,
+                                                           samples_per_run)
+        name = f"Teacher ({teachers.num_runs}x{samples_per_run})"
     num_members = teachers.num_runs * samples_per_run
 
     def member_logits(args, images, key):
@@ -223,7 +241,7 @@ def teacher_predictor(folder: str, samples_per_run: int = 3, seed: int = 0):
         return jnp.moveaxis(ensemble_logits(teachers.model, member_params, images,
                                             model_state=model_state), 0, 1)
 
-    return Predictor(name=f"Teacher ({teachers.num_runs}x{samples_per_run})", kind=TEACHER_KIND,
+    return Predictor(name=name, kind=TEACHER_KIND,
                      member_logits=member_logits, args=(members, teachers.moments["model_state"]),
                      num_members=num_members,
                      num_params=count_params(members), sidecar=teachers.sidecars[0])

@@ -128,7 +128,7 @@ def test_checkpoint_layouts_convert_alike(resnet8, torch, tmp_path):
     (["--arch", "vgg8"], "does not fit --arch vgg8_bn"),
     (["--arch", "resnet8", "--data_name", "CIFAR10_x32"], "a 100-class network, but CIFAR10_x32 has 10"),
     (["--arch", "resnet8", "--data_name", "CIFAR1000"], "unknown data_name 'CIFAR1000'"),
-    (["--arch", "resnet33"], "did you mean resnet32"),
+    (["--arch", "resnet33"], "did you mean resnet34, resnet32"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(resnet8, tmp_path, capsys, argv, message):
     err = convert_fails(capsys, resnet8["path"], tmp_path / "export", *argv)

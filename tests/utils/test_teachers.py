@@ -74,6 +74,16 @@ def test_load_draw_and_forward(tmp_path):
     assert predictor.num_members == 6
     out = predictor.member_logits(predictor.args, images, jax.random.PRNGKey(0))
     assert out.shape == (5, 6, 10)
+    # the reference's offline evaluation: member r is run r's SWA mean itself
+    means = teacher_predictor(str(tmp_path), samples_per_run=2, mode="swa_means")
+    assert means.num_members == 3 and means.name == "Teacher (3 SWA means)"
+    out = means.member_logits(means.args, images, jax.random.PRNGKey(0))
+    for run in range(3):
+        mean_params = jax.tree.map(lambda x: x[run], teachers.moments["mean"])
+        np.testing.assert_allclose(out[:, run], teachers.model.apply({"params": mean_params}, images),
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="teacher_mode must be one of swag, swa_means"):
+        teacher_predictor(str(tmp_path), mode="means")
 
 
 def test_mismatched_runs_are_named(tmp_path):
