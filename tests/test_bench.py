@@ -97,3 +97,15 @@ def test_memory_reports_xla_buffers_in_mib(tmp_path):
         xla["argument"] + xla["output"] - xla["alias"] + xla["temp"])
     assert row["device"] is None  # CPU: no allocator statistics
     assert not out["isolated"] and out["unit"] == "MiB per device"
+
+
+def test_zoo_reports_params_flops_and_latency(tmp_path):
+    """bench/zoo.py at batch 2: resnet8's parameters are RepDistiller's (100 classes), its FLOPs
+    about twice its multiply-adds (12.5M per 32x32 input; XLA skips the zero padding's, so a
+    little less), its speed positive."""
+    __import__("zoo").main(["--models", "resnet8", "--batch", "2", *TIMING, "--out_dir", str(tmp_path)])
+    with open(tmp_path / "zoo-cpu.json") as f:
+        row = json.load(f)["models"]["resnet8"]
+    assert row["params"] == 83_892 and row["input"] == [32, 32, 3] and row["classes"] == 100
+    assert 2 * 11.0e6 < row["flops_per_input"] < 2 * 12.6e6
+    positive(row["latency_ms_per_batch"], row["images_per_s"])
