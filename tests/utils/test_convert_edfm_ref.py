@@ -4,11 +4,15 @@ computes; pickles are read without trusting their globals; the reference's own Y
 
 The reference network is rebuilt here as the reference defines it (models/resnet.py's FlaxResNet
 with giung2's FilterResponseNorm and Swish, or its BN-ReLU style: flax auto-named layers in call
-order, convs with biases, 'SAME' padding, pixel mean (0.49, 0.48, 0.44) and std 0.2), with random
-weights and non-trivial FRN/BatchNorm parameters. Its files are written as the reference's code
-writes them: teacher pickles (protocol 4) whose leaves are jax 0.4.x Arrays (unpickling calls
-`jax._src.array._reconstruct_array` with numpy 1.x's reconstruct arguments and a `named_shape`)
-under a flax FrozenDict, or plain numpy arrays; KD checkpoints as flax msgpack."""
+order, convs with biases, 'SAME' padding, pixel mean (0.49, 0.48, 0.44) and std 0.2, input
+image/255). A flax module (ReferenceResNet) only creates the reference-format parameter tree, with
+random weights and non-trivial FRN/BatchNorm parameters; the expected logits come from an
+independent float64 NumPy forward (numpy_reference_logits) that reads that tree by the reference's
+layer names and computes convolutions and TF/flax 'SAME' padding itself. The reference's files are
+written as the reference's code writes them: teacher pickles (protocol 4) whose leaves are jax
+0.4.x Arrays (unpickling calls `jax._src.array._reconstruct_array` with numpy 1.x's reconstruct
+arguments and a `named_shape`) under a flax FrozenDict, or plain numpy arrays; KD checkpoints as
+flax msgpack."""
 import functools
 import os
 import pickle
@@ -53,7 +57,8 @@ class FilterResponseNorm(nn.Module):
 
 
 class ReferenceResNet(nn.Module):
-    """The reference's FlaxResNet: FRN-Swish (convs with bias) or BN-ReLU (convs without)."""
+    """The reference's FlaxResNet: FRN-Swish (convs with bias) or BN-ReLU (convs without). Used
+    only for the shapes and auto-names of its parameter tree; no expected logit comes from it."""
 
     depth: int
     width: int
@@ -81,6 +86,90 @@ class ReferenceResNet(nn.Module):
                     residual = norm()(conv(features, (1, 1), strides=stride)(residual))
                 y = act(y + residual)
         return nn.Dense(self.num_classes)(jnp.mean(y, axis=(1, 2)))
+
+
+# -------------------------------------------------- an independent NumPy forward of that network
+def same_padding(size: int, kernel: int, stride: int):
+    """TF/flax 'SAME': out = ceil(in / stride), pad_total = max((out − 1)·stride + k − in, 0),
+    before = total // 2, after = the rest (a stride-2 3×3 conv on 32 px pads (0, 1))."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return out, (total // 2, total - total // 2)
+
+
+def numpy_conv(x, kernel, bias, stride):
+    """NHWC ⊛ HWIO in float64: a sum over the kernel's taps of strided slices of the padded input."""
+    (kh, kw), n = kernel.shape[:2], x.shape[0]
+    out_h, pad_h = same_padding(x.shape[1], kh, stride)
+    out_w, pad_w = same_padding(x.shape[2], kw, stride)
+    x = np.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+    y = np.zeros((n, out_h, out_w, kernel.shape[-1]))
+    for i in range(kh):
+        for j in range(kw):
+            taps = x[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+            y += np.einsum("nhwc,cd->nhwd", taps, kernel[i, j])
+    return y if bias is None else y + bias
+
+
+def numpy_reference_logits(params, images_u8, depth=8, batch_stats=None):
+    """The reference's FlaxResNet in NumPy (float64) on uint8 NHWC images, reading its parameter
+    tree by the reference's own names: FRN-Swish (`Conv_i/{kernel,bias}`,
+    `FilterResponseNorm_i/{gamma,beta,tau}`), or BN-ReLU when batch_stats is given (bias-free convs,
+    `BatchNorm_i/{scale,bias}` and `{mean,var}`, ε 1e-5 as flax's BatchNorm), then `Dense_0`.
+    Layer indices are counted as flax auto-names them, in the order the reference's __call__ calls
+    the layers: stem conv/norm; per block conv1/norm1, conv2/norm2, and then, if the residual's
+    shape differs, the projection conv/norm; channel counts come from the kernels read."""
+    tree = {layer: {leaf: np.asarray(value, np.float64) for leaf, value in leaves.items()}
+            for layer, leaves in params.items()}
+    stats = None if batch_stats is None else {
+        layer: {leaf: np.asarray(value, np.float64) for leaf, value in leaves.items()}
+        for layer, leaves in batch_stats.items()}
+    used = {"Conv": 0, "Norm": 0}
+
+    def conv(x, size, stride=1):
+        layer = tree[f"Conv_{used['Conv']}"]
+        used["Conv"] += 1
+        assert layer["kernel"].shape[:3] == (size, size, x.shape[-1]), layer["kernel"].shape
+        assert ("bias" in layer) == (stats is None)  # FRN-Swish convs have biases, BN-ReLU's none
+        return numpy_conv(x, layer["kernel"], layer.get("bias"), stride)
+
+    def norm(x):
+        index = used["Norm"]
+        used["Norm"] += 1
+        if stats is not None:
+            layer, moments = tree[f"BatchNorm_{index}"], stats[f"BatchNorm_{index}"]
+            return ((x - moments["mean"]) / np.sqrt(moments["var"] + 1e-5) * layer["scale"]
+                    + layer["bias"])
+        layer = tree[f"FilterResponseNorm_{index}"]
+        nu2 = np.mean(np.square(x), axis=(1, 2), keepdims=True)
+        return np.maximum(layer["gamma"] * x / np.sqrt(nu2 + 1e-6) + layer["beta"], layer["tau"])
+
+    def act(x):
+        return np.maximum(x, 0.0) if stats is not None else x / (1.0 + np.exp(-x))
+
+    x = np.asarray(images_u8, np.float64) / 255.0
+    y = (x - np.asarray(REF_MEAN)) / np.asarray(REF_STD)
+    y = act(norm(conv(y, 3)))
+    for stage in range(3):
+        for block in range((depth - 2) // 6):
+            stride = 2 if stage > 0 and block == 0 else 1
+            residual = y
+            y = act(norm(conv(y, 3, stride)))
+            y = norm(conv(y, 3))
+            if residual.shape != y.shape:
+                residual = norm(conv(residual, 1, stride))
+            y = act(y + residual)
+    convs = sum(layer.startswith("Conv_") for layer in tree)
+    assert used["Conv"] == used["Norm"] == convs == len(tree) - convs - 1, (used, sorted(tree))
+    dense = tree["Dense_0"]
+    return np.mean(y, axis=(1, 2)) @ dense["kernel"] + dense["bias"]
+
+
+def assert_logits_match(logits, expected):
+    """The converted export's float32 logits against the float64 NumPy forward, ~1e-4 relative."""
+    scale = np.abs(expected).max()
+    assert scale > 0.5  # a network whose logits say something
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 def random_variables(model, seed):
@@ -122,7 +211,8 @@ def renamed(tree, width):
                            for leaf, value in leaves.items()} for layer, leaves in tree.items()}
 
 
-IMAGES = np.random.default_rng(1).random((4, 32, 32, 3), dtype=np.float32)
+IMAGES_U8 = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+IMAGES = (IMAGES_U8 / 255.0).astype(np.float32)  # what this project's models take, as the reference
 
 
 # ---------------------------------------------------------------- the reference's files
@@ -205,7 +295,7 @@ def teachers(tmp_path_factory):
                                             "n": np.int32(800), "train_step": np.int32(9000),
                                             "swa_batch_stats": None}}, f, protocol=4)
         runs[str(seed)] = {"mean": mean, "params2": params2,
-                           "logits": np.asarray(jax.jit(model.apply)({"params": mean}, IMAGES))}
+                           "logits": numpy_reference_logits(mean, IMAGES_U8)}
     return {"src": str(src), "runs": runs}
 
 
@@ -255,9 +345,7 @@ def test_reference_teacher_pickles_become_a_teacher_folder(teachers, tmp_path):
         expected_std = renamed(jax.tree.map(lambda v: np.sqrt(np.maximum(v, 1e-30)), variance), width=2)
         jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=0), std, expected_std)
         assert np.asarray(std["stem_conv"]["kernel"]).reshape(-1)[0] == np.float32(1e-15)  # clamped
-        logits = np.asarray(apply({"params": mean}, IMAGES))
-        np.testing.assert_allclose(logits, reference["logits"], rtol=1e-5, atol=1e-5)
-        assert np.abs(reference["logits"]).max() > 0.5  # a network whose logits say something
+        assert_logits_match(np.asarray(apply({"params": mean}, IMAGES)), reference["logits"])
 
 
 def test_a_pickle_naming_another_global_is_refused_and_nothing_written(teachers, tmp_path, capsys):
@@ -329,8 +417,8 @@ def test_reference_kd_checkpoints_become_resnet_exports(style, tmp_path, capsys)
 
     model = ReferenceResNet(depth=8, width=1, num_classes=100, style=style)
     variables = random_variables(model, 3)
-    expected = np.asarray(jax.jit(model.apply)(variables, IMAGES))
     batch_stats = variables.get("batch_stats")
+    expected = numpy_reference_logits(variables["params"], IMAGES_U8, batch_stats=batch_stats)
     config = {"data_name": "CIFAR100_x32", "seed": 2025, "baseline_method": "KD", "model_blocks": None,
               "first_conv": None}
     nested = {"model": {"params": variables["params"], "batch_stats": batch_stats, "image_stats": None,
@@ -359,9 +447,7 @@ def test_reference_kd_checkpoints_become_resnet_exports(style, tmp_path, capsys)
     if style == "BN-ReLU":
         jax.tree.map(np.testing.assert_array_equal, variables_ours["batch_stats"],
                      renamed(batch_stats, width=1))
-    logits = np.asarray(jax.jit(out.apply)(variables_ours, IMAGES))
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-    assert np.abs(expected).max() > 0.5
+    assert_logits_match(np.asarray(jax.jit(out.apply)(variables_ours, IMAGES)), expected)
     load_backbone(str(dst), "CIFAR100_x32", 100)  # EDFM's pretrained_resnet
     assert load_predictor(str(dst)).kind == "resnet"  # a KD student in evaluate.py
 
