@@ -15,6 +15,8 @@ from models.zoo.base import (CIFAR100_MEAN, CIFAR100_STD, ZooNet, build_model, c
 from models.zoo import resnet_cifar, wrn, vgg, mobilenetv2, shufflenet  # noqa: F401,E402
 # torchvision's ImageNet ResNets/ResNeXts and GenDD's ImageNet MobileNetV1.
 from models.zoo import resnet_imagenet, mobilenetv1  # noqa: F401,E402
+# GenDD's BEiT-v2 ImageNet teachers (ViT-B/16, ViT-L/16).
+from models.zoo import beit  # noqa: F401,E402
 
 __all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "ZooNet", "build_model", "canonical_arch", "model_names",
            "register_model", "variable_shapes", "zoo_from_spec", "zoo_spec"]

@@ -1,17 +1,23 @@
 """PyTorch checkpoints of the zoo (RepDistiller/CRD's CIFAR networks; torchvision's ImageNet
-ResNets/ResNeXts and GenDD's ImageNet MobileNetV1) -> the project's "resnet" export.
+ResNets/ResNeXts, GenDD's ImageNet MobileNetV1 and its BEiT-v2 teachers) -> the project's "resnet"
+export.
 
     python -m utils.convert torch ckpt_epoch_240.pth runs/teachers/resnet110 --arch resnet110
     python -m utils.convert torch resnet50-19c8e357.pth runs/teachers/resnet50 --arch resnet50
 
-Reads `{'model': state_dict, ...}` (CRD/RepDistiller's `torch.save`), `{'state_dict': ...}` or a
-bare state dict, with or without DataParallel's `module.` prefix, tensors saved on any device.
+Reads `{'model': state_dict, ...}` (CRD/RepDistiller's `torch.save`), `{'state_dict': ...}`,
+`{'module': ...}` or a bare state dict, with or without DataParallel's `module.` prefix, tensors
+saved on any device.
 Every tensor is placed by name: the zoo's parameter names are the PyTorch keys with '.' -> '_'
-(models/zoo/base.py), and the classifier (`fc`, `linear`, `classifier` or `classifier.0` by
-architecture; GenDD renames them all `fc`) is the zoo's `classifier`. Conv weights OIHW -> HWIO,
-linear weights transposed, BatchNorm weight/bias/running_mean/running_var -> scale/bias and the
-batch_stats mean/var; `num_batches_tracked` is dropped. The conversion is refused, in one line,
-unless every tensor is used and every parameter of the network is filled with the right shape.
+(models/zoo/base.py; a nested Flax module, as BEiT's `blocks_0/attn/qkv`, counts as its path
+joined by '_'), and the classifier (`fc`, `linear`, `classifier` or `classifier.0` by CNN, which
+GenDD renames all `fc`; BEiT's `head`) is the zoo's `classifier`. Conv weights OIHW ->
+HWIO, linear weights transposed, BatchNorm/LayerNorm weight/bias (and BatchNorm's
+running_mean/running_var) -> scale/bias (and the batch_stats mean/var); a module's own tensors
+(BEiT's `cls_token`, `attn.q_bias`, `attn.relative_position_bias_table`, `gamma_1`) keep their
+layout. Buffers the network derives itself (`num_batches_tracked`, BEiT's
+`relative_position_index`) are dropped. The conversion is refused, in one line, unless every
+other tensor is used and every parameter of the network is filled with the right shape.
 
 torch is needed only here, to unpickle the file, and is imported when a file is read.
 """
@@ -22,12 +28,16 @@ import re
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from utils.errors import UserError
 
 # PyTorch module names of the classifier, by architecture; all become the zoo's `classifier`.
-CLASSIFIER_NAMES = ("fc", "linear", "classifier", "classifier.0")
-# PyTorch BatchNorm tensor -> (flax collection, leaf).
+CLASSIFIER_NAMES = ("fc", "linear", "classifier", "classifier.0", "head")
+# Buffers in state dicts that the networks compute themselves: BatchNorm's step counter, BEiT's
+# relative position index (fixed by its patch grid; models/zoo/beit.py).
+DERIVED_BUFFERS = ("num_batches_tracked", "relative_position_index")
+# PyTorch BatchNorm (or LayerNorm: weight and bias only) tensor -> (flax collection, leaf).
 BATCH_NORM_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
                      "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 DEFAULT_DATA_NAME = "CIFAR100_x32"  # RepDistiller's teachers are CIFAR-100 networks
@@ -44,14 +54,15 @@ def add_command(subparsers):
         "torch", help="a PyTorch checkpoint (.pth) of a zoo network -> a resnet export",
         description="Convert a PyTorch state dict of a zoo network (RepDistiller/CRD's CIFAR zoo, the teachers "
                     "GenDD distills from; torchvision's ImageNet ResNets/ResNeXts; GenDD's ImageNet "
-                    "MobileNetV1) into the project's 'resnet' export, loadable as a KD student, EDFM "
-                    "backbone (pretrained_resnet), GenDD teacher (teacher_dir) or by evaluate.py. Needs "
-                    "torch to read the file.")
+                    "MobileNetV1 and BEiT-v2 teachers) into the project's 'resnet' export, loadable as a "
+                    "KD student, EDFM backbone (pretrained_resnet), GenDD teacher (teacher_dir) or by "
+                    "evaluate.py. Needs torch to read the file.")
     parser.add_argument("src", metavar="SRC", help="the .pth file: {'model': state_dict, ...} or a state dict")
     parser.add_argument("dst", metavar="DST", help="the export directory to create (refused if it exists)")
     parser.add_argument("--arch", required=True, metavar="NAME",
                         help=f"the network; one of {', '.join(model_names())} (RepDistiller's names "
-                             f"vgg8..vgg19 and MobileNetV2, and GenDD's MobileNetV1, are accepted too)")
+                             f"vgg8..vgg19 and MobileNetV2, and GenDD's MobileNetV1 and beitv2_*_1k, "
+                             f"are accepted too)")
     parser.add_argument("--num_classes", type=int, default=None, metavar="N",
                         help="the classes (default: the classifier's output size in SRC)")
     parser.add_argument("--data_name", default=None, metavar="NAME",
@@ -102,14 +113,15 @@ def load_torch_file(path: str, trust_pickle: bool = False):
 
 
 def find_state_dict(checkpoint, path: str = "checkpoint") -> dict:
-    """{key: numpy array} of the state dict in a loaded checkpoint: its 'model' (CRD/RepDistiller)
-    or 'state_dict' entry or the object itself; DataParallel's `module.` prefix removed."""
+    """{key: numpy array} of the state dict in a loaded checkpoint: its 'model' (CRD/RepDistiller,
+    unilm's BEiT), 'state_dict' or 'module' (unilm's other key) entry or the object itself;
+    DataParallel's `module.` prefix removed."""
     def is_state_dict(obj):
         return isinstance(obj, dict) and obj and all(hasattr(v, "detach") for v in obj.values())
 
     state = None
     if isinstance(checkpoint, dict):
-        for key in ("model", "state_dict"):
+        for key in ("model", "state_dict", "module"):
             if is_state_dict(checkpoint.get(key)):
                 state = checkpoint[key]
                 break
@@ -118,8 +130,8 @@ def find_state_dict(checkpoint, path: str = "checkpoint") -> dict:
                 state = checkpoint
     if state is None:
         found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise UserError(f"{path} holds no state dict (expected a dict of tensors, or one under 'model' "
-                        f"or 'state_dict'; found {found})")
+        raise UserError(f"{path} holds no state dict (expected a dict of tensors, or one under 'model', "
+                        f"'state_dict' or 'module'; found {found})")
     if all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
     return {key: value.detach().cpu().float().numpy() if value.is_floating_point() else value.numpy()
@@ -135,13 +147,19 @@ def _flax_place(torch_key: str) -> tuple[str, str]:
     return module.replace(".", "_"), tensor
 
 
-def _torch_key(module: str, leaf: str) -> str:
-    """The state-dict key that fills flax's module/leaf (the zoo's names have '_' only where
-    PyTorch's have '.')."""
-    if module == "classifier":
+def _torch_key(path: tuple, nested: bool) -> str:
+    """The state-dict key that fills the flax variable at `path` (collection, modules..., leaf).
+    A flat network's names have '_' only where PyTorch's have '.'; a nested one's (BEiT) modules
+    are PyTorch's, a list's members named `<list>_<i>`."""
+    modules, leaf = path[1:-1], path[-1]
+    if modules == ("classifier",):
         return f"{' or '.join(CLASSIFIER_NAMES)}.{'weight' if leaf == 'kernel' else leaf}"
     tensor = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
-    return f"{module.replace('_', '.')}.{tensor}"
+    if nested:
+        modules = [re.sub(r"_(\d+)$", r".\1", name) for name in modules]
+    else:
+        modules = [name.replace("_", ".") for name in modules]
+    return ".".join([*modules, tensor])
 
 
 def _layout(value: np.ndarray) -> np.ndarray:
@@ -157,40 +175,46 @@ def state_dict_to_variables(state: dict, like: dict, arch: str, source: str = "c
     """The flax variables {'params', 'batch_stats'} shaped as `like` (shapes or arrays) from a
     PyTorch state dict; UserError (one line) unless every tensor is used and every leaf filled."""
     like = jax.tree.map(np.shape, like)
-    modules = {}  # flax module name -> {(collection, leaf): shape}, in the network's order
+    modules = {}  # flax module path joined by '_' -> {(collection, leaf): shape}, in the network's order
+    paths = {}  # (collection, module, leaf) -> the variable's path (collection, modules..., leaf)
     for collection in sorted(like, key=lambda name: name != "params"):
-        for module, leaves in like[collection].items():
-            for leaf, shape in leaves.items():
-                modules.setdefault(module, {})[(collection, leaf)] = shape
+        for path, shape in traverse_util.flatten_dict(like[collection]).items():
+            module, leaf = "_".join(path[:-1]), path[-1]
+            modules.setdefault(module, {})[(collection, leaf)] = shape
+            paths[(collection, module, leaf)] = (collection, *path)
+    nested = any(len(path) > 3 for path in paths.values())
     filled, filled_by, unused, problems = {}, {}, [], []
     for key, value in state.items():
-        if key.endswith("num_batches_tracked"):
+        if key.rpartition(".")[2] in DERIVED_BUFFERS:
             continue
         module, tensor = _flax_place(key)
         leaves = modules.get(module)
         if leaves is None:
             unused.append(key)
             continue
-        if ("params", "scale") in leaves:  # a BatchNorm
+        if ("params", "scale") in leaves:  # a BatchNorm or LayerNorm
             place = BATCH_NORM_LEAVES.get(tensor)
-        else:
-            place = {"weight": ("params", "kernel"), "bias": ("params", "bias")}.get(tensor)
+        elif tensor in ("weight", "bias") and ("params", "kernel") in leaves:  # a conv or linear layer
+            place = ("params", "kernel" if tensor == "weight" else "bias")
             value = _layout(value)
+        else:  # a tensor of the module itself (BEiT's cls_token, q_bias, gamma_1, ...), layout kept
+            place = ("params", tensor)
         if place not in leaves:
             unused.append(key)
             continue
+        target = (place[0], module, place[1])
+        name = "/".join(paths[target][1:])
         expected = tuple(leaves[place])
         if value.shape != expected:
             problems.append(f"tensor {key} has shape {tuple(state[key].shape)}, but {arch}'s "
-                            f"{module}/{place[1]} needs {expected} in flax's layout")
+                            f"{name} needs {expected} in flax's layout")
             continue
-        target = (place[0], module, place[1])
         if target in filled:  # e.g. both `fc.weight` and `linear.weight`
-            problems.append(f"tensors {filled_by[target]} and {key} both fill {module}/{place[1]}")
+            problems.append(f"tensors {filled_by[target]} and {key} both fill {name}")
             continue
         filled[target], filled_by[target] = value.astype(np.float32), key
-    missing = [(module, leaf) for module, leaves in modules.items() for (collection, leaf) in leaves
-               if (collection, module, leaf) not in filled]
+    missing = [paths[(collection, module, leaf)] for module, leaves in modules.items()
+               for (collection, leaf) in leaves if (collection, module, leaf) not in filled]
     counts = f"{len(problems)} shape mismatches, {len(unused)} unused tensors, {len(missing)} unfilled arrays"
     if problems:
         raise UserError(f"{source} does not fit --arch {arch}: {problems[0]} ({counts})")
@@ -198,13 +222,9 @@ def state_dict_to_variables(state: dict, like: dict, arch: str, source: str = "c
         raise UserError(f"{source} does not fit --arch {arch}: tensor {unused[0]} has no place in it "
                         f"({counts})")
     if missing:
-        module, leaf = missing[0]
-        raise UserError(f"{source} does not fit --arch {arch}: nothing in the file for {module}/{leaf} "
-                        f"(PyTorch's {_torch_key(module, leaf)}) ({counts})")
-    variables = {}
-    for (collection, module, leaf), value in filled.items():
-        variables.setdefault(collection, {}).setdefault(module, {})[leaf] = value
-    return variables
+        raise UserError(f"{source} does not fit --arch {arch}: nothing in the file for "
+                        f"{'/'.join(missing[0][1:])} (PyTorch's {_torch_key(missing[0], nested)}) ({counts})")
+    return traverse_util.unflatten_dict({paths[target]: value for target, value in filled.items()})
 
 
 def _classifier_classes(state: dict) -> int | None:
@@ -275,7 +295,8 @@ def convert_torch(src: str, dst: str, arch: str, num_classes: int | None = None,
               if stats is not None}
     model = build_model(arch, num_classes, **fields)
     variables = state_dict_to_variables(state, variable_shapes(model, image_shape), arch, src)
-    arrays, sidecar = resnet_export(model, variables["params"], {"batch_stats": variables["batch_stats"]})
+    model_state = {name: tree for name, tree in variables.items() if name != "params"}  # batch_stats, if any
+    arrays, sidecar = resnet_export(model, variables["params"], model_state)
     source = {"file": os.path.abspath(src), "sha256": _sha256(src), "format": "pytorch state dict",
               "converter": "python -m utils.convert torch"}
     if isinstance(checkpoint, dict):  # CRD/RepDistiller record these beside the weights
