@@ -87,7 +87,8 @@ def assert_matches(torch, model, variables, torch_model, images):
 
 def test_parameter_counts_pinned():
     """The members register after the CIFAR zoo, with the pinned counts (no torch needed)."""
-    assert model_names() == [*CIFAR_PARAM_COUNTS, *PARAM_COUNTS]
+    expected = [*CIFAR_PARAM_COUNTS, *PARAM_COUNTS]  # (the ViTs of models/zoo/beit.py follow)
+    assert model_names()[:len(expected)] == expected
     for arch in PARAM_COUNTS:
         shapes = variable_shapes(build_model(arch, 1000), IMAGE_SHAPE)
         assert sum(x.size for x in jax.tree.leaves(shapes["params"])) == PARAM_COUNTS[arch], arch
