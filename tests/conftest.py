@@ -230,3 +230,15 @@ def tiny_setup(tmp_path_factory):
         shutil.copytree(teachers / "seed1", teachers / "seed2")
         yield {"root": root, "data_root": str(root / "data"), "teachers": str(teachers),
                "images": np.asarray(arrays["test_images"], np.uint8)[..., None]}
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """PyTorch, for the tests that prove a converted network equal to its PyTorch definition. It
+    is a test dependency (the dev extra): a missing torch fails these tests, it does not skip them."""
+    try:
+        import torch
+    except ImportError:
+        pytest.fail("these tests need torch: pip install -e '.[dev]'")
+    torch.set_num_threads(1)  # the tests share the cores with XLA; one thread is as fast here
+    return torch

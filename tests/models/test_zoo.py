@@ -32,15 +32,6 @@ RELATIVE_TOLERANCE = 5e-5
 QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
-@pytest.fixture(scope="module")
-def torch():
-    """torch is a test dependency (the dev extra): a missing torch fails, it is not skipped."""
-    try:
-        import torch
-    except ImportError:
-        pytest.fail("these tests need torch: pip install -e '.[dev]'")
-    torch.set_num_threads(1)  # the tests share 2 cores with XLA; 1 thread is as fast here
-    return torch
 
 
 def standardized_nchw(torch, images):

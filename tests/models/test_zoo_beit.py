@@ -33,15 +33,6 @@ RELATIVE_TOLERANCE = 1e-5
 QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
-@pytest.fixture(scope="module")
-def torch():
-    """torch is a test dependency (the dev extra): a missing torch fails, it is not skipped."""
-    try:
-        import torch
-    except ImportError:
-        pytest.fail("these tests need torch: pip install -e '.[dev]'")
-    torch.set_num_threads(1)
-    return torch
 
 
 @pytest.fixture(scope="module")

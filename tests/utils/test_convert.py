@@ -21,15 +21,6 @@ from utils.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def torch():
-    """torch is a test dependency (the dev extra): a missing torch fails, it is not skipped."""
-    try:
-        import torch
-    except ImportError:
-        pytest.fail("these tests need torch: pip install -e '.[dev]'")
-    torch.set_num_threads(1)
-    return torch
 
 
 @pytest.fixture(scope="module")
