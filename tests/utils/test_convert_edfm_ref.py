@@ -384,7 +384,7 @@ def test_bad_teacher_input_is_one_line(teachers, tmp_path, capsys):
 
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
 def test_plain_numpy_pickles_load_in_every_protocol(protocol, tmp_path):
-    from utils.convert.from_edfm_ref import load_pickle
+    from utils.convert.safe_pickle import load_pickle
 
     array = np.arange(6, dtype=np.float32).reshape(2, 3)
     path = tmp_path / "run.pickle"
@@ -401,7 +401,7 @@ def test_plain_numpy_pickles_load_in_every_protocol(protocol, tmp_path):
     (b"cbuiltins\neval\n(S'1+1'\ntR.", "the global builtins.eval"),
     (pickle.dumps(types.SimpleNamespace(a=1), 4), "the global types.SimpleNamespace")])
 def test_anything_else_is_refused(payload, refused, tmp_path):
-    from utils.convert.from_edfm_ref import load_pickle
+    from utils.convert.safe_pickle import load_pickle
 
     path = tmp_path / "run.pickle"
     path.write_bytes(payload)
