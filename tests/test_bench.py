@@ -1,29 +1,25 @@
-"""The benchmarks of bench/ at the tiniest sizes (ResNet-8x1, 16x16 images, batch 8 over the 4
-simulated devices, 1 timed call): each main() runs, writes its JSON into a temporary directory,
-and reports finite positive figures whose ratios are the quotients of the reported medians."""
+"""The benchmarks of bench/ through the one command a GPU session runs: `bash
+bench/accelerator_suite.sh --smoke` runs every benchmark at the tiniest sizes (ResNet-8x1,
+16x16 images, batch 8 over the 4 simulated devices, 1 timed call) into a temporary directory;
+each JSON must be there, named after the device, with finite positive figures whose ratios
+are the quotients of the reported medians."""
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
 if BENCH not in sys.path:
     sys.path.insert(0, BENCH)
 
 import common  # noqa: E402
+import suite  # noqa: E402
 
-SIZES = ["--depth", "8", "--width", "1", "--batch", "8", "--size", "16", "--teacher_runs", "2"]
-TRAIN_SIZES = SIZES + ["--num_images", "16", "--num_teachers", "1"]
-TIMING = ["--repeats", "1", "--warmup", "1"]
-
-
-def run(module, argv, tmp_path, name):
-    __import__(module).main([*argv, "--out_dir", str(tmp_path)])
-    path = tmp_path / f"{name}-c10-cpu.json"  # the default preset, float32
-    with open(path) as f:
-        return json.load(f)
+DEVICES = 4  # tests/conftest.py's simulated CPU devices, which the suite's processes inherit
 
 
 def positive(*values):
@@ -31,47 +27,66 @@ def positive(*values):
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, value
 
 
-@pytest.mark.slow
-def test_throughput_reports_steps_flops_and_mfu(tmp_path):
-    """sgd_swag and KD here; the EDFM step is built and compiled by the memory test."""
-    out = run("throughput", TRAIN_SIZES + TIMING + ["--peak_flops", "1e12", "--methods", "sgd_swag",
-                                                    "kd"], tmp_path, "throughput")
-    assert out["benchmark"] == "throughput-c10" and out["peak_flops_per_device"] == 1e12
-    assert list(out["steps"]) == ["sgd_swag", "kd"]
-    first = out["steps"]["sgd_swag"]["median_s"]
-    for row in out["steps"].values():
-        positive(row["median_s"], row["images_per_s"], row["flops_per_step"],
-                 row["achieved_flops_per_s"], row["mfu"])
-        assert row["batch"] == 8 and row["devices"] == 4 and len(row["times_s"]) == 1
-        assert row["images_per_s"] == pytest.approx(8 / row["median_s"])
-        assert row["flops_per_step"] == pytest.approx(4 * row["flops_per_device_step"])
-        assert row["achieved_flops_per_s"] == pytest.approx(row["flops_per_step"] / row["median_s"])
-        assert row["mfu"] == pytest.approx(row["achieved_flops_per_s"] / (4 * 1e12))
-        assert row["relative_step_time"] == pytest.approx(row["median_s"] / first)
+def load(out, key):
+    with open(out / f"{key}-cpu.json") as f:
+        return json.load(f)
+
+
+def check_throughput(out):
+    """MFU and its arithmetic: images/s = batch / median, the step's FLOPs = devices x one
+    device's, achieved = FLOPs / median, MFU = achieved / (peak x devices)."""
+    for key, methods, dtype in (("throughput-c10", ["sgd_swag", "kd"], "float32"),
+                                ("throughput-c100-bfloat16", ["sgd_swag"], "bfloat16")):
+        result = load(out, key)
+        assert result["benchmark"] == key and result["peak_flops_per_device"] == 1e12
+        assert result["config"]["dtype"] == dtype and list(result["steps"]) == methods
+        first = result["steps"][methods[0]]["median_s"]
+        for row in result["steps"].values():
+            positive(row["median_s"], row["images_per_s"], row["flops_per_step"],
+                     row["achieved_flops_per_s"], row["mfu"])
+            assert row["batch"] == 8 and row["devices"] == DEVICES and len(row["times_s"]) == 1
+            assert row["images_per_s"] == pytest.approx(8 / row["median_s"])
+            assert row["flops_per_step"] == pytest.approx(DEVICES * row["flops_per_device_step"])
+            assert row["achieved_flops_per_s"] == pytest.approx(row["flops_per_step"] / row["median_s"])
+            assert row["mfu"] == pytest.approx(row["achieved_flops_per_s"] / (DEVICES * 1e12))
+            assert row["relative_step_time"] == pytest.approx(row["median_s"] / first)
     # KD adds the augmentation and a teacher forward to the student's forward and backward.
-    assert out["steps"]["kd"]["flops_per_step"] > out["steps"]["sgd_swag"]["flops_per_step"]
+    steps = load(out, "throughput-c10")["steps"]
+    assert steps["kd"]["flops_per_step"] > steps["sgd_swag"]["flops_per_step"]
 
 
-def test_peak_flops_unknown_on_cpu_and_override():
-    assert common.peak_flops("float32") == (None, "unknown for cpu: pass --peak_flops")
-    assert common.peak_flops("bfloat16", 2e12) == (2e12, "--peak_flops")
+def check_zoo(out):
+    """The forward: resnet8's parameters are RepDistiller's (100 classes), its FLOPs about twice
+    its multiply-adds (12.5M per 32x32 input; XLA skips the zero padding's, so a little less).
+    The training step: forward, backward (about twice the forward) and the SGD update."""
+    forward = load(out, "zoo")["models"]["resnet8"]
+    assert forward["params"] == 83_892 and forward["input"] == [32, 32, 3] and forward["classes"] == 100
+    assert 2 * 11.0e6 < forward["flops_per_input"] < 2 * 12.6e6
+    positive(forward["latency_ms_per_batch"], forward["images_per_s"])
+    for key, dtype in (("zoo_train", "float32"), ("zoo_train-bfloat16", "bfloat16")):
+        result = load(out, key)
+        assert result["dtype"] == dtype and result["peak_flops_per_device"] == 1e12
+        row = result["models"]["resnet8"]
+        assert row["params"] == 83_892 and row["batch"] == 2 and row["dtype"] == dtype
+        positive(row["step_ms"], row["images_per_s"], row["flops_per_step"], row["mfu"])
+        assert 2.5 < row["flops_per_step"] / (2 * forward["flops_per_input"]) < 4
+        assert row["images_per_s"] == pytest.approx(2e3 / row["step_ms"])
+        assert row["achieved_flops_per_s"] == pytest.approx(row["flops_per_step"] / (row["step_ms"] / 1e3))
+        assert row["mfu"] == pytest.approx(row["achieved_flops_per_s"] / 1e12)
 
 
-@pytest.mark.slow
-def test_data_pipeline_share_is_pipeline_over_step(tmp_path):
-    out = run("data_pipeline", TRAIN_SIZES + TIMING, tmp_path, "data_pipeline")
-    row = out["methods"]["kd"]
+def check_data_pipeline(out):
+    result = load(out, "data_pipeline-c10")
+    row = result["methods"]["kd"]
     positive(row["pipeline_median_s"], row["step_median_s"], row["pipeline_share"])
     assert row["pipeline_median_s"] == row["pipeline"]["median_s"]
     assert row["pipeline_share"] == pytest.approx(row["pipeline_median_s"] / row["step_median_s"])
-    assert row["meets_target"] == (row["pipeline_share"] <= out["target_share"])
+    assert row["meets_target"] == (row["pipeline_share"] <= result["target_share"])
 
 
-@pytest.mark.slow
-def test_edfm_latency_ratios_are_quotients_of_the_medians(tmp_path):
-    out = run("edfm_latency", SIZES + TIMING + ["--members", "2", "--teacher_members", "2"], tmp_path,
-              "edfm_latency")
-    costs, ratios = out["predictors"], out["ratios"]
+def check_edfm_latency(out):
+    result = load(out, "edfm_latency-c10")
+    costs, ratios = result["predictors"], result["ratios"]
     assert costs["edfm"]["velocity_evaluations"] == 13  # heun_exp, 7 steps: 2·6 + 1
     assert [costs[n]["num_members"] for n in ("edfm", "backbone", "teacher")] == [2, 1, 2]
     for cost in costs.values():
@@ -82,30 +97,91 @@ def test_edfm_latency_ratios_are_quotients_of_the_medians(tmp_path):
             costs["edfm"][key] / costs["backbone"][key])
         assert ratios[f"edfm_over_teacher_{suffix}"] == pytest.approx(
             costs["edfm"][key] / costs["teacher"][key])
-    assert out["meets_target"] == (ratios["edfm_over_backbone_latency"] <= 1.5)
+    assert result["meets_target"] == (ratios["edfm_over_backbone_latency"] <= 1.5)
     # The ODE evaluates the head 13 times on top of the backbone: more FLOPs than the backbone.
     assert ratios["edfm_over_backbone_flops"] > 1
 
 
+def check_memory(out):
+    """Each method in its own process (the allocator's peak cannot be reset), XLA's buffers in MiB."""
+    result = load(out, "memory-c10")
+    assert result["isolated"] and result["unit"] == "MiB per device"
+    assert list(result["steps"]) == ["sgd_swag", "edfm"]
+    for row in result["steps"].values():
+        xla = row["xla"]
+        positive(xla["argument"], xla["output"], xla["temp"], xla["peak_estimate"])
+        assert xla["peak_estimate"] == pytest.approx(
+            xla["argument"] + xla["output"] - xla["alias"] + xla["temp"])
+        assert row["device"] is None  # CPU: no allocator statistics
+
+
+def check_teacher_ensemble(out):
+    result = load(out, "teacher_ensemble")
+    timings, speedups = result["timings"], result["speedup_vs_python_loop"]
+    assert set(timings) == {"vmap", "lax_map", "python_loop"} and result["config"]["members"] == 2
+    for name, timing in timings.items():
+        positive(timing["median_s"])
+        assert speedups[name] == pytest.approx(timings["python_loop"]["median_s"] / timing["median_s"])
+
+
 @pytest.mark.slow
-def test_memory_reports_xla_buffers_in_mib(tmp_path):
-    out = run("memory", TRAIN_SIZES + ["--methods", "edfm"], tmp_path, "memory")
-    row = out["steps"]["edfm"]
-    xla = row["xla"]
-    positive(xla["argument"], xla["output"], xla["temp"], xla["peak_estimate"])
-    assert xla["peak_estimate"] == pytest.approx(
-        xla["argument"] + xla["output"] - xla["alias"] + xla["temp"])
-    assert row["device"] is None  # CPU: no allocator statistics
-    assert not out["isolated"] and out["unit"] == "MiB per device"
+def test_accelerator_suite_smoke_writes_every_benchmark(tmp_path):
+    """The GPU session's command with --smoke: every step ok, one summary line each, each JSON
+    named <key>-cpu.json with its figures right, the summary and the README tables written."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", os.path.join(BENCH, "accelerator_suite.sh"), "--smoke", "--out_dir",
+                           str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    keys = [step.key for step in suite.smoke_steps()]
+    assert {p.name for p in tmp_path.iterdir()} == {f"{k}-cpu.json" for k in keys} | {
+        "suite-cpu.json", "tables-cpu.md"}
+    for key in keys:
+        assert f"[suite] {key:<26} ok" in proc.stdout
+        result = load(tmp_path, key)
+        assert result["benchmark"] == key and suite.check(result) == []
+    summary = load(tmp_path, "suite")
+    assert summary["smoke"] and [r["key"] for r in summary["steps"]] == keys
+    assert all(r["status"] == "ok" and r["files"] == [str(tmp_path / f"{r['key']}-cpu.json")]
+               for r in summary["steps"])
+    check_throughput(tmp_path)
+    check_zoo(tmp_path)
+    check_data_pipeline(tmp_path)
+    check_edfm_latency(tmp_path)
+    check_memory(tmp_path)
+    check_teacher_ensemble(tmp_path)
+    tables = (tmp_path / "tables-cpu.md").read_text()
+    assert f"Device: **{DEVICES} x CPU" in tables and "| c10 (ResNet-8×1) | float32 | kd | 8 |" in tables
 
 
-def test_zoo_reports_params_flops_and_latency(tmp_path):
-    """bench/zoo.py at batch 2: resnet8's parameters are RepDistiller's (100 classes), its FLOPs
-    about twice its multiply-adds (12.5M per 32x32 input; XLA skips the zero padding's, so a
-    little less), its speed positive."""
-    __import__("zoo").main(["--models", "resnet8", "--batch", "2", *TIMING, "--out_dir", str(tmp_path)])
-    with open(tmp_path / "zoo-cpu.json") as f:
-        row = json.load(f)["models"]["resnet8"]
-    assert row["params"] == 83_892 and row["input"] == [32, 32, 3] and row["classes"] == 100
-    assert 2 * 11.0e6 < row["flops_per_input"] < 2 * 12.6e6
-    positive(row["latency_ms_per_batch"], row["images_per_s"])
+def test_suite_plan_covers_every_benchmark_and_fits_its_budget():
+    """The GPU plan runs every benchmark (c10 and c100, float32 and bfloat16; ResNet-18/50 at
+    224 trained and run) and the smoke every script with keys of that plan; the device in the
+    file names; the warm-up and the time limit end what runs past them."""
+    plan = {step.key: step for step in suite.accelerator_steps()}
+    assert {f"throughput-{p}{d}" for p in ("c10", "c100") for d in ("", "-bfloat16")} <= set(plan)
+    assert {"zoo_train", "zoo_train-bfloat16", "edfm_latency-c10", "data_pipeline-c10", "memory-c10",
+            "memory-c10-bfloat16", "teacher_ensemble", "zoo"} <= set(plan)
+    assert "resnet18,resnet50" in plan["zoo_train"].argv and "--train" in plan["zoo_train"].argv
+    smoke = suite.smoke_steps()
+    assert {s.key for s in smoke} <= set(plan)
+    assert {s.script for s in smoke} == {s.script for s in plan.values()} == {
+        "throughput.py", "zoo.py", "edfm_latency.py", "data_pipeline.py", "memory.py", "teacher_ensemble.py"}
+    assert suite.device_tag("1 x NVIDIA H200", "gpu") == "h200"
+    assert suite.device_tag("8 x NVIDIA H100 80GB HBM3", "gpu") == "8xh100-80gb-hbm3"
+    assert suite.device_tag("4 x CPU (2 cores, x86_64)", "cpu") == "cpu"
+    # A step past its limit is ended, with its process group.
+    rc, seconds = suite._run([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), 1)
+    assert rc is None and seconds < 30
+
+
+def test_suite_warm_up_runs_in_parallel_and_logs(tmp_path):
+    step = suite.Step("teacher_ensemble", "teacher_ensemble.py", [], 1, warm=[["--help"], ["--help"]])
+    out = suite.warm_up([step], dict(os.environ), sys.executable, jobs=2, budget_s=300, scratch=str(tmp_path))
+    assert out["runs"] == 2 and out["ok"] == 2
+    assert len(list(tmp_path.glob("warm-*-teacher_ensemble.log"))) == 2
+
+
+def test_peak_flops_unknown_on_cpu_and_override():
+    assert common.peak_flops("float32") == (None, "unknown for cpu: pass --peak_flops")
+    assert common.peak_flops("bfloat16", 2e12) == (2e12, "--peak_flops")
