@@ -487,7 +487,8 @@ def tables(out_dir: str, tag: str) -> str:
         lines += ["| benchmark | result | issue target |", "|---|---|---|", *rows, ""]
     if not lines:
         return ""
-    head = [f"Device: **{device}** (jax {jax_version}); from `{os.path.relpath(out_dir, ROOT)}/*-{tag}.json`, "
+    where = os.path.relpath(out_dir, ROOT) if out_dir.startswith(ROOT + os.sep) else out_dir
+    head = [f"Device: **{device}** (jax {jax_version}); from `{where}/*-{tag}.json`, "
             f"written by `bash bench/accelerator_suite.sh`.", ""]
     return "\n".join(head + lines)
 
