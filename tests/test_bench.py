@@ -3,6 +3,7 @@ bench/accelerator_suite.sh --smoke` runs every benchmark at the tiniest sizes (R
 16x16 images, batch 8 over the 4 simulated devices, 1 timed call) into a temporary directory;
 each JSON must be there, named after the device, with finite positive figures whose ratios
 are the quotients of the reported medians."""
+import argparse
 import json
 import math
 import os
@@ -163,10 +164,29 @@ def test_suite_plan_covers_every_benchmark_and_fits_its_budget():
     assert {"zoo_train", "zoo_train-bfloat16", "edfm_latency-c10", "data_pipeline-c10", "memory-c10",
             "memory-c10-bfloat16", "teacher_ensemble", "zoo"} <= set(plan)
     assert "resnet18,resnet50" in plan["zoo_train"].argv and "--train" in plan["zoo_train"].argv
+    assert suite.BUDGET_S < 8 * 60 and all(suite.MIN_STEP_S <= s.budget_s < suite.BUDGET_S for s in plan.values())
     smoke = suite.smoke_steps()
     assert {s.key for s in smoke} <= set(plan)
     assert {s.script for s in smoke} == {s.script for s in plan.values()} == {
         "throughput.py", "zoo.py", "edfm_latency.py", "data_pipeline.py", "memory.py", "teacher_ensemble.py"}
+    # Every command line of the GPU plan (timed and warm-up) parses with its script's parser.
+    class Parsed(Exception):
+        pass
+
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(parser, args=None, namespace=None):
+        parse_args(parser, args, namespace)  # exits on a bad flag
+        raise Parsed
+
+    for step in plan.values():
+        for argv in [step.argv, *step.warm]:
+            module = __import__(step.script[:-len(".py")])
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+                patch.setattr(sys, "argv", [step.script, *argv])
+                with pytest.raises(Parsed):
+                    module.main() if step.script == "teacher_ensemble.py" else module.main(argv)
     assert suite.device_tag("1 x NVIDIA H200", "gpu") == "h200"
     assert suite.device_tag("8 x NVIDIA H100 80GB HBM3", "gpu") == "8xh100-80gb-hbm3"
     assert suite.device_tag("4 x CPU (2 cores, x86_64)", "cpu") == "cpu"
