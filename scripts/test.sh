@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/ruff check --quiet .
-exec .venv/bin/python -m pytest -q "$@"
+# Test files are spread over the cores (pytest-xdist; one file stays on one worker, so its
+# module fixtures run once): most of a test's time is single-threaded XLA compilation.
+exec .venv/bin/python -m pytest -q -n auto --dist loadfile "$@"
