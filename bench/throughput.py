@@ -41,11 +41,12 @@ def main(argv=None):
     results = {}
     for method in args.methods:
         bench = common.build_step(method, args)
-        timing = common.time_step(bench, common.compile_step(bench), args.repeats, args.warmup)
+        compiled = common.compile_step(bench)
+        timing = common.time_step(bench, compiled, args.repeats, args.warmup)
         row = {"batch": bench.batch_size, "devices": bench.mesh.size, **timing,
                "images_per_s": bench.batch_size / timing["median_s"]}
         if not args.skip_flops:
-            row.update(common.step_flops(bench))
+            row.update(common.step_flops(bench, compiled))
             row["achieved_flops_per_s"] = row["flops_per_step"] / timing["median_s"]
             row["mfu"] = common.ratio(row["achieved_flops_per_s"],
                                       peak * bench.mesh.size if peak else None)
