@@ -16,6 +16,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from data.augment import eval_images
@@ -153,6 +154,50 @@ def build(config: SwagConfig, dataset) -> Run:
                loss_fn=make_loss_fn(model), eval_fn=make_eval_fn(model, config),
                optimizer=optimizer, lr_schedule=schedule, select_metric=config.select_metric,
                export=lambda state, val: export_teacher(model, config, state))
+
+
+def train_together(config: SwagConfig, dataset, num_runs: int, save_dir: str, vectorize=None,
+                   mesh=None) -> list:
+    """MultiSWAG runs trained together: R = num_runs runs of seeds config.seed, config.seed+1, ...
+    (each its own initialisation, data order, step keys and SWAG moments) in one compiled step,
+    vmapped over the runs on accelerators (utils.trainer.make_runs_train_step; `vectorize`).
+    Each run equals the single run of its seed; it is validated after the last epoch and exported
+    to `<save_dir>/seed<s>/model/` exactly as that run would be, so `save_dir` is a teacher folder.
+    No checkpoints, resume or per-epoch logs (use the ordinary script for those). Returns the run
+    directories."""
+    from utils.checkpoints import save_export
+    from utils.trainer import (make_evaluator, make_mesh, make_runs_train_step, put_replicated,
+                               replicated, runs_epoch_order, stack_runs, to_global, unstack_runs)
+
+    seeds = [config.seed + r for r in range(num_runs)]
+    configs = [dataclasses.replace(config, seed=seed) for seed in seeds]
+    runs = [build(c, dataset) for c in configs]
+    run_dirs = [os.path.join(save_dir, f"seed{seed}") for seed in seeds]
+    for run_dir in run_dirs:
+        if os.path.exists(os.path.join(run_dir, "model")):
+            raise UserError(f"{run_dir} already holds an exported model; not overwriting it")
+    mesh = make_mesh() if mesh is None else mesh
+    step = make_runs_train_step(runs[0].loss_fn, runs[0].optimizer, 0.0, mesh, vectorize)
+    states = put_replicated(stack_runs([run.state for run in runs]), mesh)
+    on_mesh = lambda x: to_global(np.asarray(x), replicated(mesh))
+    images, labels = on_mesh(dataset.train.images), on_mesh(dataset.train.labels.astype(np.int32))
+    seeds_array = on_mesh(np.asarray(seeds, np.int32))
+    for epoch in range(config.optim_ne):
+        indices, masks = runs_epoch_order(seeds, epoch, len(dataset.train), config.optim_bs)
+        for i in range(len(indices)):
+            states, _ = step(states, seeds_array, None, images, labels, on_mesh(indices[i]),
+                             on_mesh(masks[i]))
+    evaluate = make_evaluator(runs[0].eval_fn, mesh)
+    for c, run, state, run_dir in zip(configs, runs, unstack_runs(states, num_runs), run_dirs):
+        val = {}
+        if len(dataset.val):  # the Trainer's key for the last epoch's validation
+            val_key = jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), config.optim_ne - 1)
+            val = evaluate(state, None, dataset.val, batch_size=c.optim_bs, key=val_key)
+        arrays, sidecar = run.export(state, val)
+        save_export(os.path.join(run_dir, "model"), arrays,
+                    {**sidecar, "data_name": c.data_name, "seed": c.seed,
+                     "trained_by": METHOD.script, "val": val})
+    return run_dirs
 
 
 def load_predictor(model_dir, samples_per_run: int = 3, seed: int = 0):

@@ -18,6 +18,7 @@ Randomness: the step key is fold_in(PRNGKey(seed), step), so a resumed run draws
 uninterrupted one would. The epoch's order is a NumPy permutation seeded by (seed, epoch).
 """
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable, Optional
@@ -57,8 +58,17 @@ def init_variables(model, rngs, images_u8):
     """(params, model_state) of a Flax model initialised on one image of a uint8 batch."""
     from data.augment import eval_images
 
-    variables = dict(jax.jit(model.init)(rngs, eval_images(images_u8[:1])))
+    try:
+        hash(model)
+        init = functools.partial(_jit_init, model)
+    except TypeError:  # a module with an unhashable attribute: compiled for itself
+        init = jax.jit(model.init)
+    variables = dict(init(rngs, eval_images(images_u8[:1])))
     return variables.pop("params"), variables
+
+
+# The model is a static argument: runs of one architecture (other seeds) reuse one compilation.
+_jit_init = jax.jit(lambda model, rngs, images: model.init(rngs, images), static_argnums=0)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -110,13 +120,15 @@ def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int):
     return padded.reshape(num_batches, batch_size), mask.reshape(num_batches, batch_size)
 
 
-def make_train_step(loss_fn, optimizer, seed: int, ema_decay: float, mesh):
-    data_sharding = batch_sharded(mesh)
+def train_step_fn(loss_fn, optimizer, ema_decay: float, data_sharding=None):
+    """The unjitted step of one run, `step(state, seed, frozen, images, labels, indices, mask)`:
+    its key is fold_in(PRNGKey(seed), state.step), `seed` an int or a traced int32 scalar."""
 
-    def train_step(state: TrainState, frozen, images, labels, indices, mask):
+    def train_step(state: TrainState, seed, frozen, images, labels, indices, mask):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
         batch = {"images": images[indices], "labels": labels[indices], "mask": mask}
-        batch = jax.lax.with_sharding_constraint(batch, data_sharding)
+        if data_sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, data_sharding)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, frozen,
                                                         batch, key)
@@ -130,7 +142,48 @@ def make_train_step(loss_fn, optimizer, seed: int, ema_decay: float, mesh):
                                   opt_state=opt_state, ema_params=ema_params)
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0, out_shardings=replicated(mesh))
+    return train_step
+
+
+def make_train_step(loss_fn, optimizer, seed: int, ema_decay: float, mesh):
+    step = train_step_fn(loss_fn, optimizer, ema_decay, batch_sharded(mesh))
+    return jax.jit(lambda state, *args: step(state, seed, *args), donate_argnums=0,
+                   out_shardings=replicated(mesh))
+
+
+def make_runs_train_step(loss_fn, optimizer, ema_decay: float, mesh, vectorize=None):
+    """One compiled step of R independent runs (MultiSWAG trained together):
+    `step(states, seeds [R], frozen, images, labels, indices [R,B], masks [R,B])`, `states` a
+    TrainState whose leaves carry a leading axis R. Run r is exactly the single-run step of
+    seed r on its own batch (each run gathers its own rows), its own key and optimizer state.
+    `vectorize` (default: on any backend but the CPU) vmaps the runs; otherwise lax.map runs
+    them in sequence inside the one program. Batches are not sharded along `data` here: the
+    runs axis is the parallelism."""
+    step = train_step_fn(loss_fn, optimizer, ema_decay)
+    vectorize = jax.default_backend() != "cpu" if vectorize is None else vectorize
+
+    def runs_step(states, seeds, frozen, images, labels, indices, masks):
+        one = lambda state, seed, index, mask: step(state, seed, frozen, images, labels, index, mask)
+        if vectorize:
+            return jax.vmap(one)(states, seeds, indices, masks)
+        return jax.lax.map(lambda args: one(*args), (states, seeds, indices, masks))
+
+    return jax.jit(runs_step, donate_argnums=0, out_shardings=replicated(mesh))
+
+
+def runs_epoch_order(seeds, epoch: int, num_examples: int, batch_size: int):
+    """epoch_order of every run, stacked: indices and masks [S, R, B] (step-major)."""
+    orders = [epoch_order(seed, epoch, num_examples, batch_size) for seed in seeds]
+    return (np.stack([o[0] for o in orders], 1), np.stack([o[1] for o in orders], 1))
+
+
+def stack_runs(states):
+    """R pytrees of the same structure -> one whose leaves carry a leading axis R."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def unstack_runs(stacked, num_runs: int):
+    return [jax.tree.map(lambda leaf, r=r: leaf[r], stacked) for r in range(num_runs)]
 
 
 def jit_batch_fn(fn, mesh):
