@@ -23,9 +23,9 @@ from data.augment import eval_images
 from models.resnet import resnet_from_config, resnet_spec
 from models.swag import find_swag_state, swag, swag_std
 from utils.checkpoints import resnet_export
-from utils.config import CommonConfig
-from utils.driver import train_main
-from utils.errors import UserError
+from utils.config import CommonConfig, parse_config, prepare_run_dir
+from utils.driver import load_data, out_of_memory, train
+from utils.errors import UserError, cli_main
 from utils.method import Method, Run, register
 from utils.optim import make_optimizer
 from utils.teachers import TEACHER_KIND, ensemble_logits, members_from_runs, teacher_predictor
@@ -43,6 +43,7 @@ class SwagConfig(CommonConfig):
     freq: int = 1  # collect every freq-th update
     rank: int = 1  # < 2: diagonal SWAG (as the reference's rank 1); >= 2 also keeps deviations
     num_swag_samples: int = 3  # members of the in-script validation ensemble
+    num_runs: int = 1  # > 1: MultiSWAG, runs of seeds seed, seed+1, ... trained together into <save>/seed<s>/
     # select_metric null: the teacher is the run's last state (its SWAG moments)
 
     def validate(self):
@@ -60,6 +61,11 @@ class SwagConfig(CommonConfig):
             raise UserError("freq and num_swag_samples must be >= 1")
         if self.optim_swa_lr <= 0:
             raise UserError(f"config key optim_swa_lr must be > 0, got {self.optim_swa_lr}")
+        if self.num_runs < 1:
+            raise UserError(f"config key num_runs must be >= 1, got {self.num_runs}")
+        if self.num_runs > 1 and self.resume:
+            raise UserError("num_runs > 1 trains without checkpoints, so it cannot --resume: "
+                            "train the runs again, or one at a time (num_runs 1) to resume")
 
 
 def learning_rate_schedule(config: SwagConfig, steps_per_epoch: int):
@@ -208,7 +214,26 @@ def load_predictor(model_dir, samples_per_run: int = 3, seed: int = 0):
 METHOD = register(Method(name="sgd_swag", config_class=SwagConfig, build=build,
                          load_predictor=load_predictor, export_kinds=(TEACHER_KIND,),
                          config_files=("teacher/*",)))
-main = train_main(METHOD)
+
+
+@cli_main
+def main(argv):
+    """`python sgd_swag.py ...`: one run through the shared driver, or with --num_runs R > 1
+    the R runs trained together (train_together) into the teacher folder --save."""
+    config = parse_config(SwagConfig, argv)
+    try:
+        if config.num_runs == 1:
+            return train(METHOD, config)
+        dataset = load_data(config)
+        save_dir = prepare_run_dir(config, METHOD.name)  # refuses a folder that holds a run
+        train_together(config, dataset, config.num_runs, save_dir)
+        print(f"sgd_swag: {config.num_runs} runs saved in {save_dir}")
+        return save_dir
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" in str(error):
+            raise out_of_memory(error, config) from None
+        raise
+
 
 if __name__ == "__main__":
     main()

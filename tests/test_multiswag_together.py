@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import sgd_swag
-from data.datasets import Dataset, Split
+from jax.sharding import Mesh
 from models.swag import find_swag_state, swag
 from utils.checkpoints import load_export
 from utils.config import parse_config
@@ -21,29 +21,46 @@ from utils.trainer import (epoch_order, make_mesh, make_runs_train_step, runs_ep
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_dataset():
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, writers):
+    """(data_root, Dataset): generated Fashion-MNIST files of 20 train (2 full batches of 8 and a
+    padded one) / 8 val / 8 test images, and the data set the script loads from them."""
+    import dataclasses
+
+    from data import datasets
+
+    root = tmp_path_factory.mktemp("multiswag_data")
     rng = np.random.default_rng(0)
-    split = lambda n: Split(rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
-                            (np.arange(n) % 10).astype(np.int32))
-    return Dataset("FashionMNIST_x28", 10, (28, 28, 1), (0.29,), (0.35,), split(20), split(8),
-                   split(8))  # 20 = 2 full batches of 8 and a padded one
+    arrays = {"train_images": rng.integers(0, 256, (28, 28, 28)), "train_labels": np.arange(28) % 10,
+              "test_images": rng.integers(0, 256, (8, 28, 28)), "test_labels": np.arange(8) % 10}
+    writers.write_fmnist_dir(root / datasets.FASHION_MNIST_DIRNAME, arrays, gz=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(datasets.DATASETS, "FashionMNIST_x28", dataclasses.replace(
+            datasets.DATASETS["FashionMNIST_x28"], num_train=20, num_val=8, num_test=8))
+        patch.setattr(datasets, "FASHION_MNIST_SYSTEM_DIRS", [str(root / "no-system-copy")])
+        patch.setattr(datasets, "FASHION_MNIST_PAYLOAD_SHA256", {})
+        yield str(root), datasets.load_dataset("FashionMNIST_x28", str(root))
 
 
-def tiny_config(**overrides):
-    argv = ["--config", os.path.join(ROOT, "config/teacher/fmnist_frnrelu_sgd_swag.yaml"),
+def tiny_argv():
+    return ["--config", os.path.join(ROOT, "config/teacher/fmnist_frnrelu_sgd_swag.yaml"),
             "--model_depth", "8", "--model_width", "1", "--optim_ne", "2", "--optim_bs", "8",
             "--start_decay_epoch", "1", "--start_swa_epoch", "1", "--seed", "5",
             "--num_swag_samples", "1"]
+
+
+def tiny_config(**overrides):
+    argv = tiny_argv()
     for key, value in overrides.items():
         argv += [f"--{key}", str(value)]
     return parse_config(sgd_swag.SwagConfig, argv)
 
 
 @pytest.fixture(scope="module")
-def alone():
+def alone(data):
     """Seeds 5 and 6 trained one after the other with the single-run step the Trainer compiles
     (utils.trainer.train_step_fn; its key from the seed), each on its own epoch_order."""
-    dataset, states = tiny_dataset(), []
+    dataset, states = data[1], []
     runs = {seed: sgd_swag.build(tiny_config(seed=seed), dataset) for seed in (5, 6)}
     step = jax.jit(train_step_fn(runs[5].loss_fn, runs[5].optimizer, 0.0))
     for seed, run in runs.items():
@@ -57,10 +74,16 @@ def alone():
     return states
 
 
-def test_runs_trained_together_export_the_runs_trained_alone(alone, tmp_path):
-    """The CPU path (lax.map over the runs in one program) through to the exported teachers."""
-    run_dirs = sgd_swag.train_together(tiny_config(), tiny_dataset(), 2, str(tmp_path / "teachers"),
-                                       mesh=make_mesh(jax.devices()[:1]))
+def test_runs_trained_together_export_the_runs_trained_alone(data, alone, tmp_path, monkeypatch):
+    """`sgd_swag.py --num_runs 2` (lax.map over the runs in one program on the CPU) through to
+    the exported teachers, against the runs trained one by one."""
+    import utils.trainer
+
+    monkeypatch.setattr(utils.trainer, "make_mesh", lambda devices=None: Mesh(
+        np.asarray(jax.devices()[:1]), ("data",)))
+    folder = str(tmp_path / "teachers")
+    sgd_swag.main(tiny_argv() + ["--num_runs", "2", "--data_root", data[0], "--save", folder])
+    run_dirs = sorted(os.path.join(folder, d) for d in os.listdir(folder) if d.startswith("seed"))
     assert [os.path.basename(d) for d in run_dirs] == ["seed5", "seed6"]
     teachers = load_teachers(str(tmp_path / "teachers"), data_name="FashionMNIST_x28")
     assert teachers.num_runs == 2 and teachers.model.depth == 8
@@ -88,10 +111,10 @@ def toy_loss(params, model_state, frozen, batch, key):
     return loss, (model_state, {"nll": loss})
 
 
-def test_vmapped_runs_step_equals_single_run_steps():
+def test_vmapped_runs_step_equals_single_run_steps(data):
     """The accelerators' path (jax.vmap over the runs), here on a linear model: on the CPU a
     vmapped convolution sums in another order (a ResNet's runs then agree to ~1e-5 absolute)."""
-    dataset, mesh, seeds = tiny_dataset(), make_mesh(jax.devices()[:1]), [5, 6, 7]
+    dataset, mesh, seeds = data[1], make_mesh(jax.devices()[:1]), [5, 6, 7]
     optimizer = optax.chain(optax.sgd(0.1, momentum=0.9), swag(2, rank=2))
     inits = [TrainState.create({"w": jax.random.normal(jax.random.PRNGKey(s), (784, 10)) * 0.01},
                                optimizer) for s in seeds]
@@ -108,3 +131,10 @@ def test_vmapped_runs_step_equals_single_run_steps():
     assert metrics["loss"].shape == (3,)
     for a, b in zip(unstack_runs(states, 3), alone):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_num_runs_is_checked():
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="num_runs"):
+        tiny_config(num_runs=0)
