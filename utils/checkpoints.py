@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 SIDECAR = "sidecar.json"
 
@@ -27,9 +27,10 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _first_line(error: Exception) -> str:
-    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return line.split(" See full TensorStore details")[0][:200]
+def _first_difference(ours: dict, theirs: dict):
+    """The first name (sorted) whose value differs between two {name: value} maps, else None."""
+    return next((name for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)),
+                None)
 
 
 def _shapes(tree) -> dict:
@@ -86,7 +87,7 @@ class RunCheckpoints:
             self.wait()
         except Exception as error:  # orbax and tensorstore wrap OS errors in several types
             raise UserError(f"cannot save the checkpoint of step {step} in "
-                            f"{os.path.dirname(self.latest.directory)}: {_first_line(error)}; "
+                            f"{os.path.dirname(self.latest.directory)}: {first_line(error)}; "
                             f"the checkpoints already there are kept") from None
 
     def wait(self):
@@ -106,27 +107,25 @@ class RunCheckpoints:
             stored = _shapes(getattr(stored, "tree", stored))
         except Exception as error:
             raise UserError(f"{where} is corrupt (its metadata cannot be read: "
-                            f"{_first_line(error)}){remedy}") from None
+                            f"{first_line(error)}){remedy}") from None
         expected = _shapes(like_state)
-        for name in sorted(set(stored) | set(expected)):
-            if stored.get(name) != expected.get(name):
-                raise UserError(f"{where} does not match this run: array {name} is "
-                                f"{stored.get(name, 'absent')} there, {expected.get(name, 'absent')} "
-                                f"here (another run's checkpoint, or changed model keys?)")
+        name = _first_difference(stored, expected)
+        if name is not None:
+            raise UserError(f"{where} does not match this run: array {name} is "
+                            f"{stored.get(name, 'absent')} there, {expected.get(name, 'absent')} "
+                            f"here (another run's checkpoint, or changed model keys?)")
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(_abstract(like_state)), meta=ocp.args.JsonRestore()))
         except Exception as error:  # orbax raises many types; name the place and the cause
             raise UserError(f"{where} is corrupt (a file is truncated or damaged: "
-                            f"{_first_line(error)}){remedy}") from None
+                            f"{first_line(error)}){remedy}") from None
         meta = dict(restored.meta)
         recorded = meta.pop(self.HASHES, None)
         if recorded is not None:
-            found = array_hashes(jax.tree.map(np.asarray, restored.state))
-            damaged = sorted(name for name in set(recorded) | set(found)
-                             if recorded.get(name) != found.get(name))
-            if damaged:
-                raise UserError(f"{where} is corrupt: array {damaged[0]} differs from the hash "
+            damaged = _first_difference(recorded, array_hashes(jax.tree.map(np.asarray, restored.state)))
+            if damaged is not None:
+                raise UserError(f"{where} is corrupt: array {damaged} differs from the hash "
                                 f"recorded when it was saved{remedy}")
         return restored.state, meta
 
@@ -174,7 +173,7 @@ def save_export(directory: str, arrays, sidecar: dict, replace: bool = False):
             json.dump({**sidecar, "array_sha256": array_hashes(arrays)}, f, indent=1, default=float)
     except Exception as error:  # an OSError, or orbax's wrapping of one (a full disk, read-only)
         shutil.rmtree(partial, ignore_errors=True)
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
         raise UserError(f"cannot write the export {directory}: {reason}") from None
     if os.path.isdir(directory):  # a complete export being replaced, or a leftover without a sidecar
         old = f"{directory}.old-{os.getpid()}"
@@ -208,15 +207,14 @@ def load_export(directory: str, kind: str | None = None):
         with ocp.StandardCheckpointer() as checkpointer:
             arrays = checkpointer.restore(path)
     except Exception as error:
-        raise UserError(f"cannot read the arrays of {directory}: {str(error).splitlines()[0][:200]}") from None
+        raise UserError(f"cannot read the arrays of {directory}: {first_line(error)}") from None
     arrays = jax.tree.map(np.asarray, arrays)
     expected = sidecar.get("array_sha256")
     if expected is not None:
-        found = array_hashes(arrays)
-        for name in sorted(set(expected) | set(found)):
-            if expected.get(name) != found.get(name):
-                raise UserError(f"{directory} is corrupt: array {name} does not match the hash in "
-                                f"its {SIDECAR} (files changed after the export was written)")
+        name = _first_difference(expected, array_hashes(arrays))
+        if name is not None:
+            raise UserError(f"{directory} is corrupt: array {name} does not match the hash in "
+                            f"its {SIDECAR} (files changed after the export was written)")
     return arrays, sidecar
 
 
@@ -294,11 +292,11 @@ def check_variables(directory: str, model, variables: dict):
     rngs = {name: jax.random.PRNGKey(0) for name in ("params", "noise", "dropout")}
     expected = _shapes(jax.eval_shape(model.init, rngs, jnp.zeros((1, size, size, channels))))
     found = _shapes(variables)
-    for name in sorted(set(expected) | set(found)):
-        if expected.get(name) != found.get(name):
-            raise UserError(f"{directory}: its {SIDECAR} describes a network whose {name} is "
-                            f"{expected.get(name, 'absent')}, but its arrays hold "
-                            f"{found.get(name, 'none')} (a sidecar that is not this export's?)")
+    name = _first_difference(expected, found)
+    if name is not None:
+        raise UserError(f"{directory}: its {SIDECAR} describes a network whose {name} is "
+                        f"{expected.get(name, 'absent')}, but its arrays hold "
+                        f"{found.get(name, 'none')} (a sidecar that is not this export's?)")
 
 
 def load_resnet(directory: str, dtype=None):

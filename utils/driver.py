@@ -15,7 +15,7 @@ import numpy as np
 from data.datasets import load_dataset
 from utils.checkpoints import SIDECAR, RunLock, save_export
 from utils.config import parse_config, prepare_run_dir, save_config
-from utils.errors import UserError, cli_main
+from utils.errors import UserError, cli_main, first_line
 from utils.evaluation import default_key, format_test_table, test_table
 from utils.method import Method, Run
 from utils.teachers import configured_teacher, load_teachers
@@ -94,7 +94,7 @@ def train(method: Method, config, mesh=None) -> str:
 
 def out_of_memory(error: Exception, config) -> UserError:
     """The one line for a device allocation that failed (XLA's RESOURCE_EXHAUSTED)."""
-    return UserError(f"out of memory ({str(error).splitlines()[0][:120]}): lower optim_bs (now "
+    return UserError(f"out of memory ({first_line(error, 120)}): lower optim_bs (now "
                      f"{config.optim_bs}) or eval_bs (now {config.eval_bs}), or use a smaller model")
 
 

@@ -17,6 +17,13 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
+def first_line(error: Exception, limit: int = 200) -> str:
+    """The first line of an error's message (its type when it has none), for a one-line report;
+    TensorStore's multi-kilobyte spec dump is cut off."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split(" See full TensorStore details")[0][:limit]
+
+
 def cli_main(main):
     """Wrap a script's main(argv) so a UserError prints one line and exits 2."""
 

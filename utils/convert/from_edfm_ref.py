@@ -26,15 +26,15 @@ which resolves only the globals these files need; anything else is refused in on
 anything is written.
 """
 import argparse
-import hashlib
 import os
 import re
 import shutil
 
 import numpy as np
 
-from utils.convert.safe_pickle import first_line, load_pickle
-from utils.errors import UserError
+from utils.convert import file_sha256
+from utils.convert.safe_pickle import load_pickle
+from utils.errors import UserError, first_line
 
 PIXEL_MEAN = (0.49, 0.48, 0.44)  # the reference standardizes every data set with these (spec §1)
 PIXEL_STD = (0.2, 0.2, 0.2)
@@ -249,14 +249,6 @@ def _counter(value):
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _refuse_existing(dst: str):
     if os.path.lexists(dst):
         raise UserError(f"{dst} already exists; not overwriting it (give a new directory)")
@@ -314,7 +306,7 @@ def convert_teacher_run(path: str, data_name=None):
     sidecar = {"kind": TEACHER_KIND, "model": resnet_spec(model), "num_classes": model.num_classes,
                "data_name": spec.name, "trained_by": f"{REFERENCE} sgd_swag.py (converted)",
                "method": "MultiSWAG run (EDFM reference)",
-               "source": {"file": os.path.abspath(path), "sha256": _sha256(path),
+               "source": {"file": os.path.abspath(path), "sha256": file_sha256(path),
                           "format": "EDFM reference teacher pickle",
                           "converter": "python -m utils.convert edfm-ref teacher",
                           **{key: value for key, value in counters.items() if value is not None}}}
@@ -436,7 +428,7 @@ def convert_kd(src: str, dst: str, data_name=None) -> str:
     layout.check(model, variables, spec.image_shape, "the checkpoint")
     arrays, sidecar = resnet_export(model, variables["params"],
                                     {key: value for key, value in variables.items() if key != "params"})
-    source = {"file": os.path.abspath(path), "sha256": _sha256(path),
+    source = {"file": os.path.abspath(path), "sha256": file_sha256(path),
               "format": "EDFM reference KD checkpoint (flax msgpack)", "converter": "python -m utils.convert edfm-ref kd"}
     best_acc = checkpoint.get("best_acc")
     if isinstance(best_acc, (np.ndarray, np.generic, float, int)) and np.size(best_acc) == 1:

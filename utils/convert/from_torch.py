@@ -22,7 +22,6 @@ other tensor is used and every parameter of the network is filled with the right
 torch is needed only here, to unpickle the file, and is imported when a file is read.
 """
 import argparse
-import hashlib
 import os
 import re
 
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from utils.convert import file_sha256
 from utils.errors import UserError
 
 # PyTorch module names of the classifier, by architecture; all become the zoo's `classifier`.
@@ -235,14 +235,6 @@ def _classifier_classes(state: dict) -> int | None:
     return None
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _data_shape(data_name: str) -> tuple[int, tuple]:
     """(classes, image shape (H, W, C)) of `data_name`: data/'s data sets and EXTERNAL_DATA."""
     from data.datasets import get_spec
@@ -297,7 +289,7 @@ def convert_torch(src: str, dst: str, arch: str, num_classes: int | None = None,
     variables = state_dict_to_variables(state, variable_shapes(model, image_shape), arch, src)
     model_state = {name: tree for name, tree in variables.items() if name != "params"}  # batch_stats, if any
     arrays, sidecar = resnet_export(model, variables["params"], model_state)
-    source = {"file": os.path.abspath(src), "sha256": _sha256(src), "format": "pytorch state dict",
+    source = {"file": os.path.abspath(src), "sha256": file_sha256(src), "format": "pytorch state dict",
               "converter": "python -m utils.convert torch"}
     if isinstance(checkpoint, dict):  # CRD/RepDistiller record these beside the weights
         for key in ("epoch", "accuracy", "best_acc"):

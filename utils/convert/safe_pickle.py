@@ -10,7 +10,7 @@ import pickle
 
 import numpy as np
 
-from utils.errors import UserError
+from utils.errors import UserError, first_line
 
 
 class _Refused(Exception):
@@ -115,10 +115,6 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(value) for value in obj]
     return obj
-
-
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def load_pickle(path: str):
