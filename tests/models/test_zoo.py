@@ -12,6 +12,7 @@ import pytest
 from models.resnet import ResNet, ResNetOutput, resnet_from_spec, resnet_spec
 from models.zoo import (CIFAR100_MEAN, CIFAR100_STD, build_model, canonical_arch, model_names,
                         variable_shapes, zoo_spec)
+from tests.models.torch_compare import relative_error, standardized_nchw
 
 # Trainable parameters with 100 classes, counted from the PyTorch definitions (torch's
 # sum(p.numel() for p in model.parameters())); they agree with RepDistiller's published sizes
@@ -26,22 +27,8 @@ PARAM_COUNTS = {
 }
 # A float32 forward differs from PyTorch's by ~1e-6 of the logits' size (measured up to 1e-5 on
 # MobileNetV2); a padding, ε or layout mistake shows as 1e-2 to 1e-1.
+NORMALIZATION = (CIFAR100_MEAN, CIFAR100_STD)  # what the PyTorch loaders standardize with
 RELATIVE_TOLERANCE = 5e-5
-# One compilation per network gives logits and features. XLA's CPU optimisations cost more
-# compile time (4x on resnet110) than they save on two images; the same operations are computed.
-QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-
-
-def standardized_nchw(torch, images):
-    """What RepDistiller's loader feeds its networks: the [0, 1] images normalised, NCHW."""
-    mean, std = np.asarray(CIFAR100_MEAN, np.float32), np.asarray(CIFAR100_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(((images - mean) / std).transpose(0, 3, 1, 2)))
-
-
-def relative_error(found, expected) -> float:
-    return float(np.max(np.abs(np.asarray(found) - expected)) / np.max(np.abs(expected)))
 
 
 def test_parameter_counts_pinned():
@@ -65,7 +52,8 @@ def test_converted_checkpoint_matches_pytorch(arch, torch, tmp_path):
     calibration = rng.uniform(size=(8, 32, 32, 3)).astype(np.float32)
     images = rng.uniform(size=(2, 32, 32, 3)).astype(np.float32)
     torch.manual_seed(0)
-    torch_model = randomize_normalization(build(arch, 100), standardized_nchw(torch, calibration))
+    torch_model = randomize_normalization(build(arch, 100),
+                                          standardized_nchw(torch, calibration, *NORMALIZATION))
     assert sum(p.numel() for p in torch_model.parameters()) == PARAM_COUNTS[arch]
     checkpoint = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"epoch": 240, "model": torch_model.state_dict(), "accuracy": 71.5}, checkpoint)
@@ -80,9 +68,9 @@ def test_converted_checkpoint_matches_pytorch(arch, torch, tmp_path):
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) == PARAM_COUNTS[arch]
 
     forward = jax.jit(lambda v, x: model.apply(v, x, return_features=True))
-    out = forward.lower(variables, images).compile(QUICK_COMPILE)(variables, images)
+    out = forward.lower(variables, images).compile()(variables, images)
     with torch.no_grad():
-        torch_pooled, torch_logits = torch_model(standardized_nchw(torch, images))
+        torch_pooled, torch_logits = torch_model(standardized_nchw(torch, images, *NORMALIZATION))
     assert isinstance(out, ResNetOutput) and out.logits.dtype == jnp.float32
     assert relative_error(out.logits, torch_logits.numpy()) < RELATIVE_TOLERANCE
     assert relative_error(out.pooled, torch_pooled.numpy()) < RELATIVE_TOLERANCE
@@ -130,15 +118,16 @@ def test_train_mode_matches_pytorch(torch):
     rng = np.random.default_rng(1)
     images = rng.uniform(size=(4, 32, 32, 3)).astype(np.float32)
     torch.manual_seed(1)
-    torch_model = randomize_normalization(build("resnet8", 10), standardized_nchw(torch, images))
+    torch_model = randomize_normalization(build("resnet8", 10),
+                                          standardized_nchw(torch, images, *NORMALIZATION))
     model = build_model("resnet8", 10)
     variables = state_dict_to_variables(find_state_dict({"model": torch_model.state_dict()}),
                                         variable_shapes(model, (32, 32, 3)), "resnet8")
     train_step = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
-    logits, updates = train_step.lower(variables, images).compile(QUICK_COMPILE)(variables, images)
+    logits, updates = train_step.lower(variables, images).compile()(variables, images)
     torch_model.train()
     with torch.no_grad():
-        _, torch_logits = torch_model(standardized_nchw(torch, images))
+        _, torch_logits = torch_model(standardized_nchw(torch, images, *NORMALIZATION))
     assert relative_error(logits, torch_logits.numpy()) < RELATIVE_TOLERANCE
     np.testing.assert_allclose(updates["batch_stats"]["layer2_0_bn1"]["mean"],
                                torch_model.layer2[0].bn1.running_mean.numpy(), rtol=1e-4, atol=1e-5)

@@ -18,6 +18,7 @@ from models.zoo import build_model, canonical_arch, model_names, variable_shapes
 from models.zoo.beit import BEiT, relative_position_index
 from models.zoo.resnet_imagenet import IMAGENET_DATA_NAME, IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
+from tests.models.torch_compare import relative_error, standardized_nchw
 
 # Trainable parameters with 1000 classes (timm lists 86.53M and 304.43M): per block 12·D² + 14·D
 # (qkv without bias, q_bias, v_bias, proj, fc1, fc2, two LayerNorms, two layer scales) + 732·heads
@@ -30,9 +31,6 @@ IMAGE_SHAPE = (224, 224, 3)
 # index transposed 8e-3, LayerNorm ε 1e-5 6e-2, q_bias and v_bias swapped 0.18; so 1e-5, not the
 # ImageNet CNNs' 1e-4, which the tanh GELU would pass.
 RELATIVE_TOLERANCE = 1e-5
-QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +50,9 @@ def small_zoo_model(**fields):
 
 def torch_outputs(torch, model, images):
     """(pooled, logits) of the PyTorch network on images normalised as GenDD's loaders do."""
-    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-    x = torch.from_numpy(np.ascontiguousarray(((images - mean) / std).transpose(0, 3, 1, 2)))
     with torch.no_grad():
-        pooled, logits = model(x)
+        pooled, logits = model(standardized_nchw(torch, images, IMAGENET_MEAN, IMAGENET_STD))
     return pooled.numpy(), logits.numpy()
-
-
-def relative_error(found, expected) -> float:
-    return float(np.max(np.abs(np.asarray(found) - expected)) / np.max(np.abs(expected)))
 
 
 def test_parameter_counts(torch):
@@ -114,7 +106,7 @@ def test_converted_state_dict_matches_pytorch(torch, small, tmp_path, monkeypatc
                                   state["blocks.1.attn.relative_position_bias_table"].numpy())
 
     forward = jax.jit(lambda v, x: model.apply(v, x, return_features=True))
-    out = forward.lower(variables, images).compile(QUICK_COMPILE)(variables, images)
+    out = forward.lower(variables, images).compile()(variables, images)
     torch_pooled, torch_logits = torch_outputs(torch, torch_model, images)
     assert isinstance(out, ResNetOutput) and out.logits.dtype == jnp.float32
     assert out.pooled.shape == (1, 64) and out.feature_map.shape == (1, 14, 14, 64)

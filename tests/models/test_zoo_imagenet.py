@@ -16,6 +16,7 @@ from models.resnet import ResNetOutput, resnet_from_spec, resnet_spec
 from models.zoo import build_model, canonical_arch, model_names, variable_shapes
 from models.zoo.resnet_imagenet import IMAGENET_DATA_NAME, IMAGENET_MEAN, IMAGENET_STD
 from tests.models.test_zoo import PARAM_COUNTS as CIFAR_PARAM_COUNTS
+from tests.models.torch_compare import relative_error, standardized_nchw
 
 # Trainable parameters with 1000 classes: torchvision's published counts (resnet18 ... resnext101_32x8d),
 # the standard MobileNetV1's 4.2M, and GenDD's ImageNet-LT teacher resnext101_32x4d; the PyTorch
@@ -33,20 +34,8 @@ IN_MEMORY_MEMBERS = {"resnet101": 32, "resnext101_32x8d": 32}
 IMAGE_SHAPE = (224, 224, 3)  # what the converter traces for imagenet2012 (shapes do not depend on it)
 # float32 against float32: ~1e-6 of the logits' size here (1e-5 at most); a padding, ε or layout
 # mistake shows as 1e-3 to 1e-1.
+NORMALIZATION = (IMAGENET_MEAN, IMAGENET_STD)  # what the PyTorch loaders standardize with
 RELATIVE_TOLERANCE = 1e-4
-QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-
-
-def standardized_nchw(torch, images):
-    """What torchvision's ImageNet loaders feed the networks: [0, 1] images normalised, NCHW."""
-    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(((images - mean) / std).transpose(0, 3, 1, 2)))
-
-
-def relative_error(found, expected) -> float:
-    return float(np.max(np.abs(np.asarray(found) - expected)) / np.max(np.abs(expected)))
 
 
 def random_torch_model(torch, arch: str, size: int):
@@ -60,16 +49,17 @@ def random_torch_model(torch, arch: str, size: int):
     calibration = rng.uniform(size=(2 if size >= 224 else 4, size, size, 3)).astype(np.float32)
     images = rng.uniform(size=(1 if size >= 224 else 2, size, size, 3)).astype(np.float32)
     torch.manual_seed(seed)
-    model = randomize_normalization(build(arch, 1000), standardized_nchw(torch, calibration), seed=seed)
+    model = randomize_normalization(build(arch, 1000), standardized_nchw(torch, calibration, *NORMALIZATION),
+                                    seed=seed)
     assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[arch]
     return damp_residual_branches(model), images
 
 
 def assert_matches(torch, model, variables, torch_model, images):
     forward = jax.jit(lambda v, x: model.apply(v, x, return_features=True))
-    out = forward.lower(variables, images).compile(QUICK_COMPILE)(variables, images)
+    out = forward.lower(variables, images).compile()(variables, images)
     with torch.no_grad():
-        torch_pooled, torch_logits = torch_model(standardized_nchw(torch, images))
+        torch_pooled, torch_logits = torch_model(standardized_nchw(torch, images, *NORMALIZATION))
     assert isinstance(out, ResNetOutput) and out.logits.dtype == jnp.float32
     assert relative_error(out.logits, torch_logits.numpy()) < RELATIVE_TOLERANCE
     assert relative_error(out.pooled, torch_pooled.numpy()) < RELATIVE_TOLERANCE
