@@ -163,7 +163,7 @@ def build(config: FedConfig, dataset) -> Run:
                                noise_std=config.noise_std, dtype=jnp.dtype(config.dtype))
     params_key, noise_key = jax.random.split(jax.random.PRNGKey(config.seed))
     params, model_state = init_variables(model, {"params": params_key, "noise": noise_key},
-                                         dataset.train.images)
+                                         dataset.image_shape)
     steps = steps_per_epoch(len(dataset.train), config.optim_bs)
     schedule = epoch_piecewise(config.optim_lr, steps, config.optim_boundaries_and_scales)
     optimizer = make_optimizer(config, schedule)

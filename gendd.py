@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data.augment import augment_batch, eval_images
+from data.augment import augment_batch, eval_images, training_images
 from data.datasets import Split
 from models import diffusion as gd
 from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
@@ -404,8 +404,8 @@ def load_student_weights(path: str, student, like_variables):
 # Losses and evaluation
 # ---------------------------------------------------------------------------------------------
 def _augment(config, key, batch):
-    return augment_batch(key, batch["images"], randaugment=False, crop_padding=config.crop_padding,
-                         flip=config.flip)
+    return training_images(batch, lambda images_u8: augment_batch(
+        key, images_u8, randaugment=False, crop_padding=config.crop_padding, flip=config.flip))
 
 
 def _student_train(student, params, model_state, images):
@@ -637,11 +637,11 @@ def build(config: GenDDConfig, dataset) -> Run:
                                  dataset.pixel_std, dtype=jnp.dtype(config.dtype))
     k_student, k_proj, k_head = jax.random.split(jax.random.PRNGKey(config.seed), 3)
     if config.init_from:  # shapes suffice: no initialisation to compile
-        sample = eval_images(dataset.train.images[:1])
+        sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
         student_params, model_state = load_student_weights(
             config.init_from, student, jax.eval_shape(student.init, k_student, sample))
     else:
-        student_params, model_state = init_variables(student, k_student, dataset.train.images)
+        student_params, model_state = init_variables(student, k_student, dataset.image_shape)
     student_dim = int(np.shape(student_params["classifier"]["kernel"])[0])
     params = {"student": student_params}
     steps = steps_per_epoch(len(dataset.train), config.optim_bs)

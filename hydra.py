@@ -139,7 +139,7 @@ def build(config: HydraConfig, dataset) -> Run:
     body = resnet_from_config(config, dataset.num_classes, dataset.pixel_mean, dataset.pixel_std,
                               dtype=jnp.dtype(config.dtype))
     model = Hydra(body, config.num_heads, config.head_width)
-    params, model_state = init_variables(model, jax.random.PRNGKey(config.seed), dataset.train.images)
+    params, model_state = init_variables(model, jax.random.PRNGKey(config.seed), dataset.image_shape)
     steps = steps_per_epoch(len(dataset.train), config.optim_bs)
     schedule = warmup_cosine(config.optim_lr, config.optim_ne * steps, config.warmup_steps,
                              config.warmup_factor)

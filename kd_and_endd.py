@@ -164,7 +164,7 @@ def build(config: DistillConfig, dataset) -> Run:
     teachers = load_teachers_checked(config, dataset)
     model = resnet_from_config(config, dataset.num_classes, dataset.pixel_mean, dataset.pixel_std,
                                dtype=jnp.dtype(config.dtype))
-    params, model_state = init_variables(model, jax.random.PRNGKey(config.seed), dataset.train.images)
+    params, model_state = init_variables(model, jax.random.PRNGKey(config.seed), dataset.image_shape)
     steps = steps_per_epoch(len(dataset.train), config.optim_bs)
     schedule = warmup_cosine(config.optim_lr, config.optim_ne * steps, config.warmup_steps,
                              config.warmup_factor)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data.augment import eval_images
+from data.augment import eval_images, training_images
 from models.resnet import resnet_from_config, resnet_spec
 from models.swag import find_swag_state, swag, swag_std
 from utils.checkpoints import resnet_export
@@ -90,7 +90,8 @@ def swag_optimizer(config: SwagConfig, schedule, steps_per_epoch: int):
 
 def make_loss_fn(model):
     def loss_fn(params, model_state, frozen, batch, key):
-        images = eval_images(batch["images"])  # teachers train without augmentation
+        # Teachers train without augmentation (a streamed batch: whatever its workers applied).
+        images = training_images(batch, eval_images)
         logits, updates = model.apply({"params": params, **model_state}, images, train=True,
                                       mutable=list(model_state))
         per_example = prediction_metrics(jax.nn.log_softmax(logits), batch["labels"])
@@ -150,7 +151,7 @@ def export_teacher(model, config: SwagConfig, state):
 def build(config: SwagConfig, dataset) -> Run:
     model = resnet_from_config(config, dataset.num_classes, dataset.pixel_mean, dataset.pixel_std,
                                dtype=jnp.dtype(config.dtype))
-    params, model_state = init_variables(model, jax.random.PRNGKey(config.seed), dataset.train.images)
+    params, model_state = init_variables(model, jax.random.PRNGKey(config.seed), dataset.image_shape)
     steps = steps_per_epoch(len(dataset.train), config.optim_bs)
     schedule = learning_rate_schedule(config, steps)
     optimizer = swag_optimizer(config, schedule, steps)

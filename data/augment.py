@@ -639,6 +639,15 @@ def eval_images(images_u8: jax.Array) -> jax.Array:
     return jnp.asarray(images_u8).astype(jnp.float32) / 255.0
 
 
+def training_images(batch: dict, augment) -> jax.Array:
+    """A training batch's float images in [0, 1]. The streaming path's arrive augmented by its
+    workers (`augmented_images`, data/stream.py); the on-device path's are augmented here,
+    `augment(uint8 images) -> float images`."""
+    if "augmented_images" in batch:
+        return eval_images(batch["augmented_images"])
+    return augment(batch["images"])
+
+
 # ---------------------------------------------------------------------------
 # Mixup
 # ---------------------------------------------------------------------------
@@ -684,9 +693,10 @@ def student_pipeline(key, batch, *, mixup_alpha: float, randaugment: bool = True
     RandAugment(2, 9) → zero-pad crop → horizontal flip → /255 → mixup over the batch.
 
     `batch` is the trainer's {"images": uint8, "labels", "mask"}; returns (images, labels), the
-    labels being mixup's dominant ones. Teachers and students all see the same mixed images.
+    labels being mixup's dominant ones. Teachers and students all see the same mixed images. A
+    streamed batch arrives augmented by its workers; only mixup (over the global batch) is left.
     """
     augment_key, mixup_key = jax.random.split(key)
-    images = augment_batch(augment_key, batch["images"], randaugment=randaugment,
-                           crop_padding=crop_padding, flip=flip)
+    images = training_images(batch, lambda images_u8: augment_batch(
+        augment_key, images_u8, randaugment=randaugment, crop_padding=crop_padding, flip=flip))
     return mixup(mixup_key, images, batch["labels"], batch["mask"], mixup_alpha)

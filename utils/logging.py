@@ -4,6 +4,7 @@ import json
 import os
 import secrets
 import sys
+from typing import Optional
 
 import numpy as np
 
@@ -37,10 +38,10 @@ class _PlainProgress:
                       file=sys.stderr, flush=True)
 
 
-def progress(iterable, desc: str, percent_step: int = 10):
-    """A progress bar over a sized iterable: tqdm on a terminal; elsewhere (a log file, CI) a
-    plain line every `percent_step` percent."""
-    total = len(iterable)
+def progress(iterable, desc: str, percent_step: int = 10, total: Optional[int] = None):
+    """A progress bar over a sized iterable (or one of `total` items): tqdm on a terminal;
+    elsewhere (a log file, CI) a plain line every `percent_step` percent."""
+    total = len(iterable) if total is None else total
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
 

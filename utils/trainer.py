@@ -12,11 +12,17 @@ Parallelism: a 1-D `data` mesh over the devices; parameters, optimizer state and
 replicated, each batch is sharded along `data`. The training set sits on the devices as uint8 and
 each step gathers its rows by index inside the jitted step. Every host computes the same global
 index vector, and each device receives only its slice of it (`make_array_from_callback`), which
-is also how several hosts each feed only their part of a global batch.
+is also how several hosts each feed only their part of a global batch. A data set that does not
+fit streams instead (data/stream.py): each host's rows of every global batch arrive augmented
+from grain workers, are prefetched onto the devices, and the step trains on them as they are.
 
 Randomness: the step key is fold_in(PRNGKey(seed), step), so a resumed run draws exactly what an
-uninterrupted one would. The epoch's order is a NumPy permutation seeded by (seed, epoch).
+uninterrupted one would. The epoch's order is a NumPy permutation seeded by (seed, epoch), on
+both paths. Checkpoints are written at the end of every epoch and, with `checkpoint_every`, every
+that many steps; each records the data position (epoch, batch), so a run resumed in the middle of
+an epoch continues with the batch it would have seen next.
 """
+import collections
 import dataclasses
 import functools
 import math
@@ -30,6 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data.stream import Stream, epoch_order
 from utils.checkpoints import RunCheckpoints
 from utils.errors import UserError
 from utils.logging import RunLogger, progress
@@ -54,16 +61,15 @@ class TrainState:
         return self.params if self.ema_params is None else self.ema_params
 
 
-def init_variables(model, rngs, images_u8):
-    """(params, model_state) of a Flax model initialised on one image of a uint8 batch."""
-    from data.augment import eval_images
-
+def init_variables(model, rngs, image_shape):
+    """(params, model_state) of a Flax model initialised on one blank image of `image_shape`
+    (H, W, C): a data set's `image_shape` (no network here initialises from its input's values)."""
     try:
         hash(model)
         init = functools.partial(_jit_init, model)
     except TypeError:  # a module with an unhashable attribute: compiled for itself
         init = jax.jit(model.init)
-    variables = dict(init(rngs, eval_images(images_u8[:1])))
+    variables = dict(init(rngs, jnp.zeros((1, *image_shape), jnp.float32)))
     return variables.pop("params"), variables
 
 
@@ -110,23 +116,12 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 
 
-def epoch_order(seed: int, epoch: int, num_examples: int, batch_size: int):
-    """Shuffled indices padded to whole batches, and the mask of real rows: [S, B] each."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    num_batches = math.ceil(num_examples / batch_size)
-    padded = np.zeros(num_batches * batch_size, np.int32)
-    padded[:num_examples] = order
-    mask = np.arange(num_batches * batch_size) < num_examples
-    return padded.reshape(num_batches, batch_size), mask.reshape(num_batches, batch_size)
+def batch_step_fn(loss_fn, optimizer, ema_decay: float, data_sharding=None):
+    """The unjitted step of one run on a batch, `step(state, seed, frozen, batch)`: its key is
+    fold_in(PRNGKey(seed), state.step), `seed` an int or a traced int32 scalar."""
 
-
-def train_step_fn(loss_fn, optimizer, ema_decay: float, data_sharding=None):
-    """The unjitted step of one run, `step(state, seed, frozen, images, labels, indices, mask)`:
-    its key is fold_in(PRNGKey(seed), state.step), `seed` an int or a traced int32 scalar."""
-
-    def train_step(state: TrainState, seed, frozen, images, labels, indices, mask):
+    def step(state: TrainState, seed, frozen, batch):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-        batch = {"images": images[indices], "labels": labels[indices], "mask": mask}
         if data_sharding is not None:
             batch = jax.lax.with_sharding_constraint(batch, data_sharding)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -142,6 +137,18 @@ def train_step_fn(loss_fn, optimizer, ema_decay: float, data_sharding=None):
                                   opt_state=opt_state, ema_params=ema_params)
         return new_state, metrics
 
+    return step
+
+
+def train_step_fn(loss_fn, optimizer, ema_decay: float, data_sharding=None):
+    """The on-device path's unjitted step, `step(state, seed, frozen, images, labels, indices,
+    mask)`: the batch is gathered by index from the data set on the devices."""
+    step = batch_step_fn(loss_fn, optimizer, ema_decay, data_sharding)
+
+    def train_step(state: TrainState, seed, frozen, images, labels, indices, mask):
+        return step(state, seed, frozen, {"images": images[indices], "labels": labels[indices],
+                                          "mask": mask})
+
     return train_step
 
 
@@ -149,6 +156,31 @@ def make_train_step(loss_fn, optimizer, seed: int, ema_decay: float, mesh):
     step = train_step_fn(loss_fn, optimizer, ema_decay, batch_sharded(mesh))
     return jax.jit(lambda state, *args: step(state, seed, *args), donate_argnums=0,
                    out_shardings=replicated(mesh))
+
+
+def make_stream_train_step(loss_fn, optimizer, seed: int, ema_decay: float, mesh):
+    """The streaming path's step, `step(state, frozen, batch)` on a batch already on the mesh."""
+    step = batch_step_fn(loss_fn, optimizer, ema_decay, batch_sharded(mesh))
+    return jax.jit(lambda state, frozen, batch: step(state, seed, frozen, batch), donate_argnums=0,
+                   out_shardings=replicated(mesh))
+
+
+def to_mesh(host_batch: dict, mesh) -> dict:
+    """This host's rows of a global batch -> global arrays sharded along `data`."""
+    sharding = batch_sharded(mesh)
+    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(rows))
+            for name, rows in host_batch.items()}
+
+
+def prefetched(host_batches, mesh, size: int = 2):
+    """Host batches put on the mesh `size` ahead of their use: the copies overlap the steps."""
+    queue = collections.deque()
+    for host_batch in host_batches:
+        queue.append(to_mesh(host_batch, mesh))
+        if len(queue) > size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def make_runs_train_step(loss_fn, optimizer, ema_decay: float, mesh, vectorize=None):
@@ -222,13 +254,30 @@ def map_batches(jitted_fn, args, images: np.ndarray, labels: np.ndarray, *, batc
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
 
+def map_stream(jitted_fn, args, stream: Stream, *, mesh, key=None, desc: Optional[str] = None):
+    """map_batches over a Stream read in order: outputs for its real rows, NumPy [N, ...]."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    _, masks = stream.order(0)
+    batches = prefetched(stream.batches(0), mesh)
+    outputs = []
+    for batch_index, batch in enumerate(batches if desc is None else progress(batches, desc,
+                                                                              total=len(masks))):
+        outputs.append((jitted_fn(args, batch, key, batch_index), int(masks[batch_index].sum())))
+    outputs = [jax.tree.map(lambda x, n=n: np.asarray(x)[:n], out) for out, n in outputs]
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+
 def make_evaluator(eval_fn, mesh):
     """`evaluate(state, frozen, split, batch_size, key)` -> means of eval_fn's per-example values."""
     jitted = jit_batch_fn(lambda args, batch, key: eval_fn(args[0], args[1], batch, key), mesh)
 
     def evaluate(state, frozen, split, *, batch_size, key=None, desc=None) -> dict:
-        per_example = map_batches(jitted, (state, frozen), split.images, split.labels,
-                                  batch_size=batch_size, mesh=mesh, key=key, desc=desc)
+        """`split`: an on-device Split, or a Stream (which has its own batch size)."""
+        if isinstance(split, Stream):
+            per_example = map_stream(jitted, (state, frozen), split, mesh=mesh, key=key, desc=desc)
+        else:
+            per_example = map_batches(jitted, (state, frozen), split.images, split.labels,
+                                      batch_size=batch_size, mesh=mesh, key=key, desc=desc)
         return {name: float(np.mean(values)) for name, values in per_example.items()}
 
     return evaluate
@@ -256,6 +305,7 @@ class Trainer:
     logger: Optional[RunLogger] = None
     # A loss explosion: |training loss| above this times max(1, |the first logged loss|); 0: off
     divergence_factor: float = 1e4
+    checkpoint_every: int = 0  # steps between checkpoints inside an epoch; 0: at epoch ends only
 
     @classmethod
     def for_run(cls, run_dir: str, config, **fields) -> "Trainer":
@@ -266,7 +316,8 @@ class Trainer:
                       num_epochs=config.optim_ne, log_every=config.log_every,
                       keep_checkpoints=config.keep_checkpoints,
                       eval_every=getattr(config, "eval_every", 1),
-                      divergence_factor=getattr(config, "divergence_factor", 1e4))
+                      divergence_factor=getattr(config, "divergence_factor", 1e4),
+                      checkpoint_every=getattr(config, "checkpoint_every", 0))
         if "logger" not in fields:
             shared["logger"] = RunLogger(run_dir, config, config.wandb)
         return cls(**{**shared, **fields})
@@ -283,6 +334,8 @@ class Trainer:
                                           best_mode=self.select_mode)
         self._train_step = make_train_step(self.loss_fn, self.optimizer, self.seed,
                                            self.ema_decay, self.mesh)
+        self._stream_step = make_stream_train_step(self.loss_fn, self.optimizer, self.seed,
+                                                   self.ema_decay, self.mesh)
         self.evaluate = make_evaluator(self.eval_fn, self.mesh)
         self.last_val = {}  # the latest validation metrics
         self.first_loss = None  # the run's first logged training loss: divergence's scale
@@ -299,35 +352,42 @@ class Trainer:
     def fit(self, state: TrainState, train, val, frozen=None, on_start=None) -> TrainState:
         """Train from `state`, or from the run's latest checkpoint when there is one.
 
-        `on_start(start_epoch)` runs once the checkpoint (if any) has been read, before the
-        first step: a run whose resume fails has changed nothing. `self.trained_epochs` says
-        how many epochs this call trained."""
-        start_epoch = 0
+        `train` and `val`: on-device Splits, or Streams (data/stream.py). `on_start(start_epoch)`
+        runs once the checkpoint (if any) has been read, before the first step: a run whose
+        resume fails has changed nothing. `self.trained_epochs` says how many epochs this call
+        trained (a partly trained epoch counts)."""
+        position = Position(0, 0, None)
         restored = self.checkpoints.restore_latest(state)
         if restored is not None:
             state, meta = restored
-            start_epoch = meta["epoch"]
+            position = Position(meta["epoch"], meta.get("batch", 0), meta.get("metric_sums"))
             self.first_loss = meta.get("first_loss")
             self.last_val = {k[4:]: v for k, v in meta.items() if k.startswith("val/")}
-            print(f"resuming {self.run_dir} from epoch {start_epoch} (step {int(state.step)})")
-        self.logger.drop_after_epoch(start_epoch)
-        self.trained_epochs = max(self.num_epochs - start_epoch, 0)
+            within = f", batch {position.batch}" if position.batch else ""
+            print(f"resuming {self.run_dir} from epoch {position.epoch}{within} (step {int(state.step)})")
+        self.logger.drop_after_epoch(position.epoch)
+        self.trained_epochs = max(self.num_epochs - position.epoch, 0)
         if on_start is not None:
-            on_start(start_epoch)
+            on_start(position.epoch)
         try:
-            return self._fit_epochs(state, train, val, frozen, start_epoch)
+            return self._fit_epochs(state, train, val, frozen, position)
         except OSError as error:  # the run directory: a full disk, a read-only mount
             raise UserError(f"cannot write {error.filename or self.run_dir}: {error.strerror}; the "
                             f"checkpoints already saved are kept: fix that, then --resume "
                             f"{self.run_dir}") from None
 
-    def _fit_epochs(self, state, train, val, frozen, start_epoch):
+    def _fit_epochs(self, state, train, val, frozen, position):
         state = put_replicated(state, self.mesh)
         frozen = put_replicated(frozen, self.mesh)
-        images = to_global(train.images, replicated(self.mesh))
-        labels = to_global(train.labels.astype(np.int32), replicated(self.mesh))
-        for epoch in range(start_epoch, self.num_epochs):
-            state, record = self._run_epoch(state, frozen, images, labels, len(train.images), epoch)
+        if isinstance(train, Stream):
+            if train.batch_size != self.batch_size:
+                raise ValueError(f"the stream's batch {train.batch_size} is not optim_bs {self.batch_size}")
+            feed = _StreamFeed(train, self.mesh, self._stream_step)
+        else:
+            feed = _DeviceFeed(train, self.seed, self.batch_size, self.mesh, self._train_step)
+        for epoch in range(position.epoch, self.num_epochs):
+            resumed = position if epoch == position.epoch else Position(epoch, 0, None)
+            state, record = self._run_epoch(state, frozen, feed, resumed)
             score = None
             if val is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.num_epochs):
                 val_key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), epoch)
@@ -342,22 +402,29 @@ class Trainer:
                                   {"epoch": epoch + 1, "first_loss": self.first_loss, **record}, score=score)
         return state
 
-    def _run_epoch(self, state, frozen, images, labels, num_examples, epoch):
-        indices, masks = epoch_order(self.seed, epoch, num_examples, self.batch_size)
-        sums, start = None, time.perf_counter()
-        bar = progress(range(len(indices)), f"epoch {epoch + 1}/{self.num_epochs}")
-        for i in bar:
-            state, metrics = self._train_step(
-                state, frozen, images, labels, to_global(indices[i], batch_sharded(self.mesh)),
-                to_global(masks[i], batch_sharded(self.mesh)))
+    def _run_epoch(self, state, frozen, feed, position: "Position"):
+        """The steps of epoch `position.epoch` from batch `position.batch` on; a checkpoint every
+        `checkpoint_every` steps records the position and the metric sums so far."""
+        epoch, num_steps = position.epoch, feed.steps_per_epoch
+        sums = None if position.metric_sums is None else {
+            k: jnp.asarray(v, jnp.float32) for k, v in position.metric_sums.items()}
+        start = time.perf_counter()
+        bar = progress(range(position.batch, num_steps), f"epoch {epoch + 1}/{self.num_epochs}")
+        for i, inputs in zip(bar, feed.inputs(epoch, position.batch)):
+            state, metrics = feed.step(state, frozen, *inputs)
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-            if (i + 1) % self.log_every == 0 or i + 1 == len(indices):
+            if (i + 1) % self.log_every == 0 or i + 1 == num_steps:
                 means = {k: float(v) / (i + 1) for k, v in sums.items()}
                 self._check_diverged(means, state, epoch)
                 bar.set_postfix(loss=f"{means['loss']:.4g}")
+            step = int(state.step) if self.checkpoint_every else 0
+            if self.checkpoint_every and step % self.checkpoint_every == 0 and i + 1 < num_steps:
+                self.checkpoints.save(step, state, {
+                    "epoch": epoch, "batch": i + 1, "first_loss": self.first_loss,
+                    "metric_sums": {k: float(v) for k, v in sums.items()}})
         step = int(state.step)
         record = {"epoch": epoch + 1, "step": step,
-                  **{f"train/{k}": float(v) / len(indices) for k, v in sums.items()},
+                  **{f"train/{k}": float(v) / num_steps for k, v in sums.items()},
                   "time/epoch_s": round(time.perf_counter() - start, 3)}
         if self.lr_schedule is not None:
             record["train/lr"] = float(self.lr_schedule(step - 1))  # the epoch's last update
@@ -385,3 +452,42 @@ class Trainer:
                 if last is not None else "no checkpoint was written yet")
         raise UserError(f"training stopped in epoch {epoch + 1} at step {int(state.step)}: "
                         f"{problem}; {kept}; lower optim_lr or check the data")
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where training stands: `batch` batches of epoch `epoch` done (0: at the epoch's start),
+    and the sums of the step metrics so far in that epoch."""
+
+    epoch: int
+    batch: int
+    metric_sums: Optional[dict]
+
+
+class _DeviceFeed:
+    """The on-device path: the training set on every device, each step gathering its rows."""
+
+    def __init__(self, split, seed: int, batch_size: int, mesh, step):
+        self.seed, self.batch_size, self.mesh, self.step = seed, batch_size, mesh, step
+        self.num_examples = len(split.images)
+        self.images = to_global(split.images, replicated(mesh))
+        self.labels = to_global(split.labels.astype(np.int32), replicated(mesh))
+        self.steps_per_epoch = steps_per_epoch(self.num_examples, batch_size)
+
+    def inputs(self, epoch: int, start: int):
+        indices, masks = epoch_order(self.seed, epoch, self.num_examples, self.batch_size)
+        for i in range(start, len(indices)):
+            yield (self.images, self.labels, to_global(indices[i], batch_sharded(self.mesh)),
+                   to_global(masks[i], batch_sharded(self.mesh)))
+
+
+class _StreamFeed:
+    """The streaming path: this host's rows of each global batch from grain, prefetched."""
+
+    def __init__(self, stream: Stream, mesh, step):
+        self.stream, self.mesh, self.step = stream, mesh, step
+        self.steps_per_epoch = stream.steps_per_epoch
+
+    def inputs(self, epoch: int, start: int):
+        for batch in prefetched(self.stream.batches(epoch, start), self.mesh):
+            yield (batch,)
