@@ -48,7 +48,7 @@ image-style discretized likelihood at t = 0 [Q5], a single token when D = token_
 """
 import dataclasses
 import os
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 import flax.linen as nn
 import jax
@@ -87,6 +87,12 @@ class GenDDConfig(CommonConfig):
     # Augmentation (both networks see the same augmented images)
     crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
     flip: bool = True  # random horizontal flip
+    # Soft labels, made by the streaming path's workers (the BEiT recipes): contraction and the
+    # probe's cross-entropy take them (spec §3)
+    mixup_alpha: float = 0.0  # stream: mixup Beta(α, α); 0: none
+    cutmix_alpha: float = 0.0  # stream: cutmix Beta(α, α); 0: none (both > 0: one of them per batch)
+    label_smoothing: float = 0.0  # stream: label smoothing of the soft labels
+    STREAM_SOFT_LABELS: ClassVar[bool] = True
     # Stage-2 optimisation: AdamW, β2 cosine from beta2_min up to adam_beta2
     optim: str = "adamw"
     optim_bs: int = 64
@@ -160,6 +166,14 @@ class GenDDConfig(CommonConfig):
                             f"num_diffusion_steps ({self.num_diffusion_steps})")
         if self.num_val_examples is not None and self.num_val_examples < 1:
             raise UserError(f"num_val_examples must be >= 1, got {self.num_val_examples}")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, key) < 0:
+                raise UserError(f"config key {key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.unsupervised and (self.mixup_alpha or self.cutmix_alpha or self.label_smoothing):
+            raise UserError("unsupervised GenDD has no labels to mix or smooth: set mixup_alpha, "
+                            "cutmix_alpha and label_smoothing to 0")
         if self.x0_clip is not None and self.x0_clip <= 0:
             raise UserError(f"x0_clip must be > 0 (or null: no clipping), got {self.x0_clip}")
 
@@ -264,9 +278,14 @@ def linear(params, features):
     return features @ params["kernel"] + params["bias"]
 
 
-def logit_metrics(logits, labels, prefix: str = ""):
-    """Per-example accuracy and cross-entropy of logits [B, K]."""
-    return prediction_metrics(jax.nn.log_softmax(logits), labels, prefix)
+def logit_metrics(logits, labels, prefix: str = "", soft_labels=None):
+    """Per-example accuracy and cross-entropy of logits [B, K]; with soft labels [B, K] the
+    cross-entropy is against them (the accuracy stays against the hard labels)."""
+    log_probs = jax.nn.log_softmax(logits)
+    metrics = prediction_metrics(log_probs, labels, prefix)
+    if soft_labels is not None:
+        metrics[f"{prefix}nll"] = -jnp.sum(soft_labels * log_probs, axis=-1)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,8 +442,8 @@ def make_stage1_loss_fn(student, config):
         images = _augment(config, key, batch)
         out, model_state = _student_train(student, params, model_state, images)
         logits = linear(frozen["classifier"], _project(params, out.pooled))
-        metrics = {name: masked_mean(value, batch["mask"])
-                   for name, value in logit_metrics(logits, batch["labels"]).items()}
+        per_example = logit_metrics(logits, batch["labels"], soft_labels=batch.get("soft_labels"))
+        metrics = {name: masked_mean(value, batch["mask"]) for name, value in per_example.items()}
         return metrics["nll"], (model_state, metrics)
 
     return loss_fn
@@ -439,9 +458,12 @@ def make_stage2_loss_fn(student, teacher, head, diffusion, config):
         f_s = out.pooled
         teacher_out = teacher.apply(frozen["teacher"], images, return_features=True)
         f_t = jax.lax.stop_gradient(teacher_out.pooled)
+        soft_labels = batch.get("soft_labels")  # from the streaming workers' mixing
         if config.unsupervised:
             probs = jax.nn.softmax(jax.lax.stop_gradient(teacher_out.logits))
             target = contract(f_t, frozen["classifier"]["kernel"], config.smooth, probs=probs)
+        elif soft_labels is not None:
+            target = contract(f_t, frozen["classifier"]["kernel"], config.smooth, probs=soft_labels)
         else:
             target = contract(f_t, frozen["classifier"]["kernel"], config.smooth, labels=labels)
         z = projector_apply(params["projector"], f_s)
@@ -454,13 +476,11 @@ def make_stage2_loss_fn(student, teacher, head, diffusion, config):
         diff_loss = masked_mean(losses["loss"], row_mask)
         metrics = {"diff_loss": diff_loss, "mse": masked_mean(losses["mse"], row_mask),
                    "vb": masked_mean(losses["vb"], row_mask)}
-        probe_logits = linear(params["student"]["classifier"], jax.lax.stop_gradient(f_s))
-        probe = {name: masked_mean(value, mask)
-                 for name, value in logit_metrics(probe_logits, labels, "probe_").items()}
-        metrics["probe_acc"] = probe["probe_acc"]
         loss = diff_loss
-        if not config.unsupervised:
-            metrics["probe_nll"] = probe["probe_nll"]
+        if not config.unsupervised:  # unlabeled: no probe, no labels to score it on
+            probe_logits = linear(params["student"]["classifier"], jax.lax.stop_gradient(f_s))
+            probe = logit_metrics(probe_logits, labels, "probe_", soft_labels)
+            metrics.update({name: masked_mean(value, mask) for name, value in probe.items()})
             loss = loss + metrics["probe_nll"]
         return loss, (model_state, metrics)
 
@@ -625,7 +645,8 @@ def load_predictor(model_dir, num_members: Optional[int] = None,
 # ---------------------------------------------------------------------------------------------
 def build(config: GenDDConfig, dataset) -> Run:
     """One stage of GenDD as a Run (stage 1: classifier reuse; stage 2: GenDD)."""
-    teacher, teacher_vars, teacher_sidecar = load_teacher(config.teacher_dir, config.data_name,
+    teacher, teacher_vars, teacher_sidecar = load_teacher(config.teacher_dir,
+                                                          config.eval_data_name or config.data_name,
                                                           dataset.num_classes)
     classifier = teacher_vars["params"]["classifier"]
     feature_dim = int(np.shape(classifier["kernel"])[0])
@@ -686,6 +707,9 @@ def build(config: GenDDConfig, dataset) -> Run:
 
     val = dataset.val
     if config.num_val_examples is not None:
+        if not isinstance(val, Split):
+            raise UserError("num_val_examples applies to on-device sets; a streamed set validates on "
+                            "its whole val split")
         val = Split(val.images[:config.num_val_examples], val.labels[:config.num_val_examples])
 
     def export(state, val_metrics):  # the selected state (best validation accuracy by default)

@@ -24,7 +24,8 @@ from models.resnet import resnet_from_config, resnet_spec
 from models.swag import find_swag_state, swag, swag_std
 from utils.checkpoints import resnet_export
 from utils.config import CommonConfig, parse_config, prepare_run_dir
-from utils.driver import load_data, out_of_memory, train
+from utils.data_loading import load_data
+from utils.driver import out_of_memory, train
 from utils.errors import UserError, cli_main
 from utils.method import Method, Run, register
 from utils.optim import make_optimizer

@@ -353,12 +353,16 @@ def _folder_spec(data_name: str, data_root) -> StreamedSpec:
                         f"make {root}/<split>/<class>/<image>")
 
 
-def open_split(data_name: str, data_root, split: str, *, channels: int | None = None):
+def open_split(data_name: str, data_root, split: str, *, channels: int | None = None,
+               optional: bool = False):
     """The source of `split` ("train", "val", "test", ...) of `data_name` under `data_root`, from
-    the first place that holds it (module doc); channels: None for the data set's own."""
+    the first place that holds it (module doc); channels: None for the data set's own.
+    `optional`: None (not an error) when the set has no such split or no place holds it."""
     data_root = os.fspath(data_root)
     spec = get_streamed_spec(data_name, data_root)
     places = spec.splits.get(split)
+    if not places and optional:
+        return None
     if not places:
         have = ", ".join(spec.splits)
         note = " (hold out part of train, or use the on-device set for a val split)" if split == "val" else ""
@@ -371,5 +375,7 @@ def open_split(data_name: str, data_root, split: str, *, channels: int | None = 
             return place.open(data_root, spec, spec.channels if channels is None else channels)
         except _Absent as absent:
             looked.append(place.where(data_root) + (f" ({absent.note})" if absent.note else ""))
+    if optional:
+        return None
     how = spec.how_to_get.replace("<data_root>", data_root)
     raise UserError(f"data set {data_name} ({split} split) not found: looked for {', then '.join(looked)}; {how}")

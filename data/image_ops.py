@@ -231,7 +231,8 @@ _CROPS = ("random_resized", "pad", "none")
 @dataclasses.dataclass(frozen=True)
 class TrainTransform:
     """Training augmentation of one image, in order: RandomResizedCrop (or a zero-pad random crop
-    for small images), horizontal flip, RandAugment, ColorJitter. Output uint8 [size, size, C].
+    for small images), horizontal flip, ColorJitter, RandAugment (the order of GenDD's BEiT
+    recipe). Output uint8 [size, size, C].
 
     Random draws happen in that order from the one generator, each step drawing only when on.
     """
@@ -283,11 +284,12 @@ class TrainTransform:
             pil = _resize(_to_pil(image), self.size, self.size)
         if self.flip and rng.random() < 0.5:
             pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        # ColorJitter before RandAugment: GenDD's BEiT recipe (main_supervised_gendd.py) order.
+        if self.color_jitter > 0:
+            pil = _color_jitter(pil, self.color_jitter, rng)
         if self.randaugment is not None:
             num_layers, magnitude = self.randaugment
             pil = _rand_augment(pil, int(num_layers), float(magnitude), self.randaugment_mstd, rng)
-        if self.color_jitter > 0:
-            pil = _color_jitter(pil, self.color_jitter, rng)
         return _from_pil(pil)
 
 

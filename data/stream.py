@@ -21,12 +21,15 @@ on-device path uses, and every example's augmentation draws from a NumPy generat
    one would;
  - the global batch does not depend on the number of worker processes, devices or hosts: host p
    of P reads rows [p B/P, (p+1) B/P) of each global batch and nothing else.
-Batch-level mixing (mixup, cutmix) needs the partner images of the whole global batch, so it runs
-on the devices (data/augment.py), keyed by the step like every on-device draw.
+Batch mixing with soft labels (mixup, cutmix, label smoothing: `Mixing`) runs in the workers
+too, on each host's rows with one generator per global batch (seeded by (seed, epoch, step)), as
+timm's Mixup runs on each process's rows; with several hosts the partners are the host's rows,
+so that part of a batch depends on the number of hosts (nothing else does).
 
 A batch is {"augmented_images" (training) or "images" (evaluation): uint8 [b, S, S, C],
-"labels": int32 [b] (-1: unlabeled), "mask": bool [b]} for this host's b rows; the last batch
-of an epoch is padded with masked rows (as on the device path).
+"labels": int32 [b] (-1: unlabeled), "mask": bool [b], and with Mixing "soft_labels": float32
+[b, C]} for this host's b rows; the last batch of an epoch is padded with masked rows (as on the
+device path).
 """
 from __future__ import annotations
 
@@ -58,6 +61,39 @@ def _padded_batches(order, batch_size: int):
 
 
 @dataclasses.dataclass(frozen=True)
+class Mixing:
+    """Soft labels for a training stream: data.image_ops.mix_batch's options."""
+
+    num_classes: int
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    switch_prob: float = 0.5  # cutmix's share when both alphas are > 0
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixBatch:
+    """A host batch -> mixed images and soft labels (runs in a grain worker)."""
+
+    mixing: Mixing
+    seed: int
+    epoch: int
+    batch_size: int  # the global batch: a row's position // this is its step
+
+    def __call__(self, batch: dict) -> dict:
+        from data.image_ops import mix_batch
+
+        step = int(batch["positions"][0]) // self.batch_size
+        rng = np.random.default_rng([self.seed, self.epoch, step, 1])
+        m = self.mixing
+        images, soft = mix_batch(rng, batch["images"], batch["labels"], m.num_classes,
+                                 mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha,
+                                 switch_prob=m.switch_prob, label_smoothing=m.label_smoothing,
+                                 mask=batch["mask"])
+        return {**batch, "images": images, "soft_labels": soft}
+
+
+@dataclasses.dataclass(frozen=True)
 class _LoadRow:
     """Row r of this host's epoch -> one example (runs in a grain worker; pickled there)."""
 
@@ -72,10 +108,10 @@ class _LoadRow:
     output_shape: tuple  # (S, S, C) of a transformed image, for the padding rows
 
     def __call__(self, row: int) -> dict:
-        real = bool(self.mask[row])
-        if not real:  # padding: nothing to read
-            return {"images": np.zeros(self.output_shape, np.uint8), "labels": np.int32(-1),
-                    "mask": np.bool_(False)}
+        position = np.int64(self.positions[row])
+        if not self.mask[row]:  # padding: nothing to read (label 0, a valid class for mixing)
+            return {"images": np.zeros(self.output_shape, np.uint8), "labels": np.int32(0),
+                    "mask": np.bool_(False), "positions": position}
         example = self.source[int(self.indices[row])]
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, int(self.positions[row])])
@@ -83,7 +119,7 @@ class _LoadRow:
         else:
             image = self.transform(example["image"])
         return {"images": np.asarray(image, np.uint8), "labels": np.int32(example["label"]),
-                "mask": np.bool_(True)}
+                "mask": np.bool_(True), "positions": position}
 
 
 def _ensure_absl_flags_parsed():
@@ -111,6 +147,7 @@ class Stream:
     num_workers: int = 0  # grain worker processes; 0: in this process
     process_index: int = 0
     process_count: int = 1
+    mixing: Optional[Mixing] = None  # training only: soft labels
 
     def __post_init__(self):
         if self.batch_size % self.process_count:
@@ -149,19 +186,25 @@ class Stream:
                         mask[host].ravel(), positions[host].ravel(), self.seed, epoch,
                         tuple(self.image_shape))
         rows = grain.MapDataset.range(start * b, indices.shape[0] * b)
-        dataset = rows.map(load).batch(b).to_iter_dataset()
+        dataset = rows.map(load).batch(b)
+        if self.train and self.mixing is not None:
+            dataset = dataset.map(_MixBatch(self.mixing, self.seed, epoch, self.batch_size))
+        dataset = dataset.to_iter_dataset()
         if self.num_workers:
             _ensure_absl_flags_parsed()
             dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
         key = "augmented_images" if self.train else "images"
         for batch in dataset:
-            yield {key: batch["images"], "labels": batch["labels"], "mask": batch["mask"]}
+            out = {key: batch["images"], "labels": batch["labels"], "mask": batch["mask"]}
+            if "soft_labels" in batch:
+                out["soft_labels"] = batch["soft_labels"]
+            yield out
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamedDataset:
     """A data set that streams: the counterpart of data.datasets.Dataset (same fields), its
-    splits Streams. `class_counts`: training images per class (long-tailed shot groups)."""
+    splits Streams."""
 
     name: str
     num_classes: Optional[int]
@@ -172,10 +215,3 @@ class StreamedDataset:
     val: Optional[Stream]
     test: Optional[Stream]
     source: str = ""
-
-    @property
-    def class_counts(self) -> Optional[np.ndarray]:
-        if self.num_classes is None:
-            return None
-        labels = self.train.labels
-        return np.bincount(labels[labels >= 0], minlength=self.num_classes)

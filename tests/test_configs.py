@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from data import catalog
+from data.datasets import get_spec
 from utils.config import parse_config
 from utils.errors import UserError
 from utils.method import config_reader, methods
@@ -15,7 +17,12 @@ FILES = sorted(glob.glob(os.path.join(ROOT, "config", "**", "*.yaml"), recursive
 @pytest.mark.parametrize("path", FILES, ids=[os.path.relpath(f, ROOT) for f in FILES])
 def test_shipped_config_parses(path):
     config = config_reader(path).parse(["--config", path])
-    assert config.data_name in ("FashionMNIST_x28", "CIFAR10_x32", "CIFAR100_x32")
+    # a data set of the on-device registry or of the streamed catalog
+    if not catalog.is_streamed(config.data_name):
+        get_spec(config.data_name)
+    for name in (config.data_name, config.eval_data_name):
+        if name is not None and catalog.is_streamed(name):
+            catalog.get_streamed_spec(name)
     with open(path) as f:
         assert f.readline().startswith("#"), "a config starts with its command and expectations"
 

@@ -22,7 +22,7 @@ import sys
 import textwrap
 import tokenize
 import typing
-from typing import ClassVar, Optional
+from typing import ClassVar, List, Optional
 
 import yaml
 
@@ -50,6 +50,18 @@ class CommonConfig:
     data_root: str = "./data/"  # where data sets are looked for (and downloaded to)
     download: bool = False  # fetch a missing data set from its official source
     num_train_examples: Optional[int] = None  # use only the first N training examples
+    # Streaming (data/stream.py): sets that do not fit on a device are read by grain workers
+    input_pipeline: str = "auto"  # device | stream | auto: device for data/datasets.py's sets, else stream
+    data_workers: int = 4  # stream: grain worker processes per host; 0: read in the main process
+    eval_data_name: Optional[str] = None  # stream: take val and test from this set (cc3m runs: imagenet2012)
+    image_size: Optional[int] = None  # stream: side of training crops and evaluation images; null: the set's
+    train_crop: str = "random_resized"  # stream: random_resized | pad (crop_padding, as on the device) | none
+    rrc_scale: List[float] = dataclasses.field(  # stream: RandomResizedCrop's range of area fractions
+        default_factory=lambda: [0.08, 1.0])
+    rand_augment: Optional[List[float]] = None  # stream: RandAugment [n, m] in the workers; null: none
+    color_jitter: float = 0.0  # stream: ColorJitter strength (brightness = contrast = saturation)
+    eval_crop_fraction: float = 0.875  # stream: evaluation resizes to image_size / this, then centre-crops
+    checkpoint_every: int = 0  # steps between checkpoints inside an epoch (long epochs); 0: epoch ends only
     # Model (the reference's model_* keys)
     model_name: str = "FlaxResNet"  # FlaxResNet (the reference's only choice)
     model_arch: Optional[str] = None  # a models.zoo network (resnet8x4, wrn_16_2, ...); null: model_*
@@ -84,6 +96,9 @@ class CommonConfig:
     eval_bs: int = 500  # inputs per prediction batch of that table
 
     ALIASES: ClassVar[dict] = {}  # the reference's name -> this project's key
+    # Whether the method trains on the soft labels a stream's mixing makes (mixup_alpha,
+    # cutmix_alpha, label_smoothing keys; utils.data_loading.mixing_of)
+    STREAM_SOFT_LABELS: ClassVar[bool] = False
     UNUSED: ClassVar[tuple] = ("model_blocks", "first_conv", "first_pool")  # accepted, never used (+ subclass's)
 
     def __init_subclass__(cls, **kwargs):
@@ -117,6 +132,7 @@ class CommonConfig:
             raise UserError(f"model_depth must be 6n+2 (8, 14, 20, 32, ...), got {self.model_depth}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        self.validate_streaming()
         if self.num_train_examples is not None and self.num_train_examples < 1:
             raise UserError(f"num_train_examples must be >= 1, got {self.num_train_examples}")
         if self.model_name != "FlaxResNet":
@@ -135,6 +151,25 @@ class CommonConfig:
             parse_style(self.model_style)
         except ValueError as error:
             raise UserError(str(error)) from None
+
+    def validate_streaming(self):
+        if self.input_pipeline not in ("auto", "device", "stream"):
+            raise UserError(f"input_pipeline must be auto, device or stream, got {self.input_pipeline!r}")
+        if self.train_crop not in ("random_resized", "pad", "none"):
+            raise UserError(f"train_crop must be random_resized, pad or none, got {self.train_crop!r}")
+        if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            raise UserError(f"rrc_scale must be [min, max] with 0 < min <= max <= 1, got {self.rrc_scale}")
+        if self.rand_augment is not None and (len(self.rand_augment) != 2 or self.rand_augment[0] < 1
+                                              or not 0 <= self.rand_augment[1] <= 10):
+            raise UserError(f"rand_augment must be [n >= 1, m in 0..10] or null, got {self.rand_augment}")
+        ranges = [("data_workers", self.data_workers >= 0, ">= 0"),
+                  ("image_size", self.image_size is None or self.image_size >= 1, ">= 1 or null"),
+                  ("color_jitter", self.color_jitter >= 0, ">= 0"),
+                  ("eval_crop_fraction", 0 < self.eval_crop_fraction <= 1, "in (0, 1]"),
+                  ("checkpoint_every", self.checkpoint_every >= 0, ">= 0")]
+        for key, ok, rule in ranges:
+            if not ok:
+                raise UserError(f"config key {key} must be {rule}, got {getattr(self, key)}")
 
     def validate_reference_model_keys(self):
         """The reference's model_nobias null is false; its model_blocks, first_conv and

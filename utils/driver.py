@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data.datasets import load_dataset
 from utils.checkpoints import SIDECAR, RunLock, save_export
 from utils.config import parse_config, prepare_run_dir, save_config
+from utils.data_loading import load_data
 from utils.errors import UserError, cli_main, first_line
 from utils.evaluation import default_key, format_test_table, test_table
 from utils.method import Method, Run
@@ -22,20 +22,11 @@ from utils.teachers import configured_teacher, load_teachers
 from utils.trainer import Trainer
 
 
-def load_data(config):
-    """The config's data set; a `num_classes` key, where the config has one, must match it."""
-    dataset = load_dataset(config.data_name, config.data_root, download=config.download,
-                           num_train_examples=config.num_train_examples)
-    expected = getattr(config, "num_classes", None)
-    if expected is not None and expected != dataset.num_classes:
-        raise UserError(f"num_classes is {expected} but {dataset.name} has {dataset.num_classes} "
-                        f"classes")
-    return dataset
-
-
 def load_teachers_checked(config, dataset):
     """The teacher ensemble of `config.teacher_dir`, checked against the data set."""
-    teachers = load_teachers(config.teacher_dir, dataset.name, dtype=jnp.dtype(config.dtype))
+    # A set without labels of its own (cc3m) is distilled in the label space of eval_data_name.
+    teachers = load_teachers(config.teacher_dir, config.eval_data_name or dataset.name,
+                             dtype=jnp.dtype(config.dtype))
     if teachers.num_classes != dataset.num_classes:
         raise UserError(f"the teachers in {config.teacher_dir} predict {teachers.num_classes} "
                         f"classes, {dataset.name} has {dataset.num_classes}")
@@ -48,8 +39,7 @@ def load_teachers_checked(config, dataset):
 
 def validation_metrics(run: Run, dataset) -> list:
     """The names eval_fn returns, found by tracing it on one batch (nothing is computed)."""
-    images = dataset.val.images[:1] if len(dataset.val) else dataset.train.images[:1]
-    batch = {"images": images, "labels": np.zeros(1, np.int32), "mask": np.ones(1, bool)}
+    batch = {"images": np.zeros((1, *dataset.image_shape), np.uint8), "labels": np.zeros(1, np.int32), "mask": np.ones(1, bool)}
     shapes = jax.eval_shape(run.eval_fn, run.state, run.frozen, batch, jax.random.PRNGKey(0))
     return sorted(shapes)
 

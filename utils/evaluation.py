@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 
+from data.stream import Stream
 from utils import metrics
 from utils.errors import UserError
 from utils.predict import Runner
@@ -61,7 +62,7 @@ def test_table(predictors, split, *, batch_size: int, key, mesh=None) -> dict:
     rows, reference = {}, None
     for predictor in predictors:
         start = time.perf_counter()
-        logits = Runner(predictor, mesh, batch_size)(split.images, key)
+        logits = Runner(predictor, mesh, batch_size)(split if isinstance(split, Stream) else split.images, key)
         reference = logits if reference is None else reference
         row = ensemble_summary(logits, split.labels, reference)
         rows[predictor.name] = {"acc": row["acc"], "nll": row["nll"], "ece": row["ece"],

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.augment import eval_images
+from data.stream import Stream
 from utils.checkpoints import find_export, read_sidecar
 from utils.errors import UserError
 from utils.method import method_for_kind
-from utils.trainer import jit_batch_fn, make_mesh, map_batches, put_replicated
+from utils.trainer import jit_batch_fn, make_mesh, map_batches, map_stream, put_replicated
 
 
 @dataclasses.dataclass
@@ -109,11 +110,15 @@ class Runner:
         self.args = put_replicated(predictor.args, self.mesh)
         self.seconds = 0.0  # wall time spent predicting, for reports
 
-    def __call__(self, images_u8: np.ndarray, key=None, desc=None) -> np.ndarray:
+    def __call__(self, images_u8, key=None, desc=None) -> np.ndarray:
+        """Member logits [N, M, K] of uint8 images [N, H, W, C], or of a Stream's images."""
         start = time.perf_counter()
         key = jax.random.PRNGKey(0) if key is None else key
-        out = map_batches(self.jitted, self.args, images_u8, np.zeros(len(images_u8), np.int32),
-                          batch_size=self.batch_size, mesh=self.mesh, key=key, desc=desc)
+        if isinstance(images_u8, Stream):
+            out = map_stream(self.jitted, self.args, images_u8, mesh=self.mesh, key=key, desc=desc)
+        else:
+            out = map_batches(self.jitted, self.args, images_u8, np.zeros(len(images_u8), np.int32),
+                              batch_size=self.batch_size, mesh=self.mesh, key=key, desc=desc)
         self.seconds += time.perf_counter() - start
         return np.asarray(out, np.float32)
 
