@@ -223,6 +223,23 @@ def make_dataset(
     )
 
 
+def long_tailed(split: Split, num_classes: int, imbalance_ratio: float) -> Split:
+    """The split made long-tailed by the exponential profile of CIFAR-LT (Cao et al., 2019):
+    class c keeps its first n_c = floor(n_max * imbalance_ratio ** (-c / (C - 1))) images, in
+    the split's order, n_max being the smallest class's count (so every class can supply its
+    share; class 0 keeps n_max, class C-1 n_max / imbalance_ratio). Deterministic: no draw."""
+    if imbalance_ratio < 1:
+        raise UserError(f"long_tail_ratio must be >= 1, got {imbalance_ratio}")
+    counts = np.bincount(split.labels, minlength=num_classes)
+    n_max = int(counts.min())
+    keep = np.zeros(len(split), bool)
+    for c in range(num_classes):
+        n_c = int(np.floor(n_max * imbalance_ratio ** (-c / max(num_classes - 1, 1))))
+        keep[np.flatnonzero(split.labels == c)[:max(n_c, 1)]] = True
+    return Split(images=np.ascontiguousarray(split.images[keep]),
+                 labels=np.ascontiguousarray(split.labels[keep]))
+
+
 # ------------------------------------------------------------------------------- Fashion-MNIST
 
 

@@ -50,6 +50,9 @@ class CommonConfig:
     data_root: str = "./data/"  # where data sets are looked for (and downloaded to)
     download: bool = False  # fetch a missing data set from its official source
     num_train_examples: Optional[int] = None  # use only the first N training examples
+    # data.datasets.long_tailed: class c keeps n_max x ratio^(-c/(C-1)) training images
+    long_tail_ratio: Optional[float] = None  # make an on-device training split long-tailed (val, test stay balanced)
+    shot_thresholds: Optional[List[int]] = None  # [many, few]: also many- (> many train images), medium- and few-shot (< few) accuracy
     # Streaming (data/stream.py): sets that do not fit on a device are read by grain workers
     input_pipeline: str = "auto"  # device | stream | auto: device for data/datasets.py's sets, else stream
     data_workers: int = 4  # stream: grain worker processes per host; 0: read in the main process
@@ -162,6 +165,12 @@ class CommonConfig:
         if self.rand_augment is not None and (len(self.rand_augment) != 2 or self.rand_augment[0] < 1
                                               or not 0 <= self.rand_augment[1] <= 10):
             raise UserError(f"rand_augment must be [n >= 1, m in 0..10] or null, got {self.rand_augment}")
+        if self.long_tail_ratio is not None and self.long_tail_ratio < 1:
+            raise UserError(f"long_tail_ratio must be >= 1 (or null), got {self.long_tail_ratio}")
+        if self.shot_thresholds is not None and (len(self.shot_thresholds) != 2
+                                                 or not 0 <= self.shot_thresholds[1] <= self.shot_thresholds[0]):
+            raise UserError(f"shot_thresholds must be [many, few] with 0 <= few <= many, got "
+                            f"{self.shot_thresholds}")
         ranges = [("data_workers", self.data_workers >= 0, ">= 0"),
                   ("image_size", self.image_size is None or self.image_size >= 1, ">= 1 or null"),
                   ("color_jitter", self.color_jitter >= 0, ">= 0"),

@@ -7,6 +7,8 @@ streams the catalog's (ImageNet, the long-tailed lists, CC3M, `tfds:<name>`, `fo
 `stream` also streams a small set (its arrays as the source), which is how the streaming path is
 tested against the on-device one.
 """
+import dataclasses
+
 import jax
 
 from data import catalog, datasets
@@ -27,8 +29,9 @@ def load_data(config):
         if catalog.is_streamed(config.data_name):
             raise UserError(f"{config.data_name} streams (it does not fit on a device): set "
                             f"input_pipeline to stream or auto")
-        dataset = datasets.load_dataset(config.data_name, config.data_root, download=config.download,
-                                        num_train_examples=config.num_train_examples)
+        dataset = with_long_tail(config, datasets.load_dataset(
+            config.data_name, config.data_root, download=config.download,
+            num_train_examples=config.num_train_examples))
     else:
         dataset = streamed_dataset(config)
     expected = getattr(config, "num_classes", None)
@@ -38,12 +41,32 @@ def load_data(config):
     return dataset
 
 
+def with_long_tail(config, dataset):
+    """The on-device set with its training split long-tailed when long_tail_ratio is set."""
+    if config.long_tail_ratio is None:
+        return dataset
+    train = datasets.long_tailed(dataset.train, dataset.num_classes, config.long_tail_ratio)
+    return dataclasses.replace(dataset, train=train)
+
+
+def shot_groups(config, dataset):
+    """(training images per class, many, few) for metrics.shot_accuracies, when the config asks
+    for shot_thresholds; else None."""
+    if config.shot_thresholds is None:
+        return None
+    from data.sources import class_counts
+
+    many, few = config.shot_thresholds
+    return class_counts(dataset.train, dataset.num_classes), many, few
+
+
 def _catalog_sources(config):
     """(spec fields, {split: source or None}) of a catalog set; val and test from
     eval_data_name when given; a set without a test split is tested on its val split."""
-    if config.num_train_examples is not None:
-        raise UserError("num_train_examples applies to the on-device sets only; a streamed set "
-                        "takes a list file (data/sources.py ListFileSource) of the images to use")
+    if config.num_train_examples is not None or config.long_tail_ratio is not None:
+        raise UserError("num_train_examples and long_tail_ratio apply to the on-device sets only; a "
+                        "streamed set takes a list file (data/sources.py ListFileSource) of the "
+                        "images to use")
     spec = catalog.get_streamed_spec(config.data_name, config.data_root)
     eval_name = config.eval_data_name or config.data_name
     eval_spec = catalog.get_streamed_spec(eval_name, config.data_root)
@@ -66,8 +89,9 @@ def _registry_sources(config):
 
     if config.eval_data_name:
         raise UserError("eval_data_name applies to streamed catalog sets only")
-    small = datasets.load_dataset(config.data_name, config.data_root, download=config.download,
-                                  num_train_examples=config.num_train_examples)
+    small = with_long_tail(config, datasets.load_dataset(
+        config.data_name, config.data_root, download=config.download,
+        num_train_examples=config.num_train_examples))
     splits = {name: ArraySource(split.images, split.labels, num_classes=small.num_classes,
                                 description=f"{small.name} {name} ({small.source})")
               for name, split in (("train", small.train), ("val", small.val), ("test", small.test))

@@ -14,7 +14,7 @@ import numpy as np
 
 from utils.checkpoints import SIDECAR, RunLock, save_export
 from utils.config import parse_config, prepare_run_dir, save_config
-from utils.data_loading import load_data
+from utils.data_loading import load_data, shot_groups
 from utils.errors import UserError, cli_main, first_line
 from utils.evaluation import default_key, format_test_table, test_table
 from utils.method import Method, Run
@@ -120,7 +120,7 @@ def fit_and_export(method: Method, config, run: Run, dataset, run_dir: str, mesh
     if config.test_table:
         predictors = (run.test_predictors or default_test_predictors(method, config))(export_dir)
         rows = test_table(predictors, dataset.test, batch_size=config.eval_bs, mesh=trainer.mesh,
-                          key=default_key(config.seed))
+                          key=default_key(config.seed), shot_groups=shot_groups(config, dataset))
         print(format_test_table(rows, f"test set of {config.data_name} ({len(dataset.test)} images)"))
         trainer.logger.log({f"test/{name}/{k}": v for name, row in rows.items() for k, v in row.items()})
     trainer.logger.close()

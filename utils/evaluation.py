@@ -55,28 +55,46 @@ def ood_aurocs(in_scores: dict, out_scores: dict) -> dict:
             for name in in_scores}
 
 
-def test_table(predictors, split, *, batch_size: int, key, mesh=None) -> dict:
-    """{name: {acc, nll, ece, kl_to_teacher, time_s}} of each Predictor on a split; KL is to
-    the first predictor's ensemble (the teacher), which is 0 on its own row."""
+def test_table(predictors, split, *, batch_size: int, key, mesh=None, shot_groups=None) -> dict:
+    """{name: {acc, top5 (more than 5 classes), nll, ece, kl_to_teacher, time_s}} of each
+    Predictor on a split (on-device or streamed); KL is to the first predictor's ensemble (the
+    teacher), 0 on its own row. `shot_groups` (train counts, many, few): also many-, medium- and
+    few-shot accuracy (metrics.shot_accuracies)."""
     mesh = make_mesh() if mesh is None else mesh
     rows, reference = {}, None
+    inputs = split if isinstance(split, Stream) else split.images
+    labels = np.asarray(split.labels)
     for predictor in predictors:
         start = time.perf_counter()
-        logits = Runner(predictor, mesh, batch_size)(split if isinstance(split, Stream) else split.images, key)
+        logits = Runner(predictor, mesh, batch_size)(inputs, key)
         reference = logits if reference is None else reference
-        row = ensemble_summary(logits, split.labels, reference)
+        row = ensemble_summary(logits, labels, reference)
+        probs = metrics.ensemble_probs(logits)
         rows[predictor.name] = {"acc": row["acc"], "nll": row["nll"], "ece": row["ece"],
-                                "kl_to_teacher": row["kl_to_teacher"],
-                                "time_s": round(time.perf_counter() - start, 2)}  # compile included
+                                "kl_to_teacher": row["kl_to_teacher"]}
+        if probs.shape[-1] > 5:
+            rows[predictor.name]["top5"] = metrics.top_k_accuracy(probs, labels, 5)
+        if shot_groups is not None:
+            rows[predictor.name].update(metrics.shot_accuracies(probs, labels, *shot_groups))
+        rows[predictor.name]["time_s"] = round(time.perf_counter() - start, 2)  # compile included
     return rows
 
 
+_COLUMNS = (("acc", "acc", 8), ("top5", "top5", 8), ("nll", "nll", 8), ("ece", "ece", 8),
+            ("kl_to_teacher", "KL(T||S)", 10), ("many_acc", "many", 8), ("medium_acc", "medium", 8),
+            ("few_acc", "few", 8), ("time_s", "time_s", 8))
+
+
 def format_test_table(rows: dict, title: str) -> str:
+    """The rows as text, with the columns the rows have ("—" for a group without a class)."""
     width = max(len(name) for name in rows) + 2
-    lines = [title, f"{'model':<{width}}{'acc':>8}{'nll':>8}{'ece':>8}{'KL(T||S)':>10}{'time_s':>8}"]
+    columns = [c for c in _COLUMNS if any(c[0] in r for r in rows.values())]
+    lines = [title, f"{'model':<{width}}" + "".join(f"{label:>{w}}" for _, label, w in columns)]
     for name, r in rows.items():
-        lines.append(f"{name:<{width}}{r['acc']:>8.4f}{r['nll']:>8.4f}{r['ece']:>8.4f}"
-                     f"{r['kl_to_teacher']:>10.4f}{r['time_s']:>8.1f}")
+        cells = [f"{'—':>{w}}" if r.get(key) is None else
+                 f"{r[key]:>{w}.1f}" if key == "time_s" else f"{r[key]:>{w}.4f}"
+                 for key, _, w in columns]
+        lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)
 
 

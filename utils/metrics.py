@@ -281,6 +281,31 @@ def disagreement(member_probs) -> float:
     return float(_disagreement_per_input(p).mean())
 
 
+def top_k_accuracy(probs, labels, k: int = 5) -> float:
+    """Fraction of inputs whose label is among the k most probable classes (scikit-learn's)."""
+    from sklearn.metrics import top_k_accuracy_score
+
+    p = _float(probs, 2, "probs")
+    y = _labels(labels, p.shape[0], p.shape[1])
+    return float(top_k_accuracy_score(y, p, k=k, labels=np.arange(p.shape[1])))
+
+
+def shot_accuracies(probs, labels, train_counts, many: int = 100, few: int = 20) -> dict:
+    """Long-tailed accuracy by class group, as the LT references report it: the mean over the
+    classes of each group of their per-class accuracy; many-shot classes have more than `many`
+    training images, few-shot fewer than `few`, medium-shot the rest. Classes absent from the
+    test labels are left out; a group with no class is None."""
+    p = _float(probs, 2, "probs")
+    y = _labels(labels, p.shape[0], p.shape[1])
+    counts = np.asarray(train_counts)
+    correct = p.argmax(axis=1) == y
+    groups = {"many_acc": [], "medium_acc": [], "few_acc": []}
+    for c in np.unique(y):
+        group = "many_acc" if counts[c] > many else "few_acc" if counts[c] < few else "medium_acc"
+        groups[group].append(correct[y == c].mean())
+    return {name: (float(np.mean(accs)) if accs else None) for name, accs in groups.items()}
+
+
 def ood_auroc(in_scores, out_scores) -> float:
     """AUROC of separating OOD (positive class) from in-distribution inputs.
 
