@@ -310,3 +310,20 @@ def test_download_never_overwrites(tmp_path):
     tmp.write_bytes(b"new")
     assert download.publish(str(tmp), str(dest)) is False
     assert dest.read_bytes() == b"local copy" and not tmp.exists()
+
+
+def test_long_tailed_keeps_an_exponential_profile_of_each_class_first_images():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), [120, 100, 110, 130]).astype(np.int32)
+    rng.shuffle(labels)
+    images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None] * np.ones((1, 2, 2, 1), np.uint8)
+    split = datasets.Split(images, labels)
+    tail = datasets.long_tailed(split, 4, imbalance_ratio=10)
+    # n_max = the smallest class (100); class c keeps floor(100 * 10^(-c/3))
+    assert np.bincount(tail.labels).tolist() == [100, 46, 21, 10]
+    for c, n in enumerate([100, 46, 21, 10]):  # the first n of class c, in the split's order
+        first = np.flatnonzero(labels == c)[:n]
+        np.testing.assert_array_equal(tail.images[tail.labels == c], images[first])
+    np.testing.assert_array_equal(datasets.long_tailed(split, 4, 1).labels.size, 400)
+    with pytest.raises(UserError, match="long_tail_ratio"):
+        datasets.long_tailed(split, 4, 0.5)

@@ -459,3 +459,25 @@ def test_wasserstein2_sinkhorn_far_from_origin():
     np.testing.assert_allclose(shifted, ref, rtol=3e-4)
     np.testing.assert_allclose(shifted, base, rtol=1e-6)
     np.testing.assert_allclose(tight, 1e-3 * ref, rtol=3e-4)
+
+
+def test_top_k_accuracy_counts_the_label_among_the_k_most_probable():
+    probs = np.array([[0.5, 0.3, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])
+    labels = np.array([1, 0, 3])  # 2nd of 4, last of 4, last of 4
+    assert metrics.top_k_accuracy(probs, labels, 1) == 0.0
+    assert metrics.top_k_accuracy(probs, labels, 2) == pytest.approx(1 / 3)
+    assert metrics.top_k_accuracy(probs, labels, 4) == 1.0
+
+
+def test_shot_accuracies_average_per_class_accuracy_within_each_group():
+    # classes 0, 1: many (200, 150 > 100); 2: medium (50); 3: few (5 < 20)
+    counts = np.array([200, 150, 50, 5])
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+    predicted = np.array([0, 0, 0, 1, 1, 0, 2, 0, 0, 3])  # class accuracies 3/4, 1/2, 1/3, 1
+    probs = np.eye(4)[predicted]
+    shots = metrics.shot_accuracies(probs, labels, counts, many=100, few=20)
+    assert shots == pytest.approx({"many_acc": (0.75 + 0.5) / 2, "medium_acc": 1 / 3, "few_acc": 1.0})
+    # a class exactly at a threshold is medium (more than `many`, fewer than `few`)
+    edge = metrics.shot_accuracies(probs, labels, np.array([100, 150, 20, 5]), many=100, few=20)
+    assert edge["many_acc"] == 0.5 and edge["medium_acc"] == pytest.approx((0.75 + 1 / 3) / 2)
+    assert metrics.shot_accuracies(probs[:4], labels[:4], counts)["few_acc"] is None
