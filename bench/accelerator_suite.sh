@@ -14,8 +14,8 @@
 # Its flags go to bench/suite.py unchanged, except --prepare.
 #
 # A lent GPU session (the device tool's machine has python3 with jax[cuda], flax, optax,
-# orbax-checkpoint, chex, numpy, scipy, pyyaml and tqdm, but not dm-pix, and no registry):
-#   1. here:        bash bench/accelerator_suite.sh --prepare     (dm-pix's wheel into .whl/,
+# orbax-checkpoint, chex, numpy, scipy, pyyaml and tqdm, but not dm-pix or grain, and no registry):
+#   1. here:        bash bench/accelerator_suite.sh --prepare     (the wheels into .whl/,
 #                   which git ignores; uses this machine's pip and PyPI)
 #   2. device run:  command "bash bench/accelerator_suite.sh", carry [".whl"], timeout_s 600
 #                   (the suite keeps to --budget_s, 470 s by default, so a rerun of the failed
@@ -33,20 +33,22 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
 PY=${PYTHON:-python3}
-DM_PIX=dm-pix==0.4.5  # the version the project's CI runs; pure Python, needs chex
+# The dependencies of the benchmarks the GPU image lacks: dm-pix (data/augment.py; pure Python,
+# needs chex) and grain with its own (the streaming benchmark; absl, etils, protobuf come with
+# orbax, Pillow with matplotlib).
+WHEELS=(dm-pix==0.4.5 grain==0.2.18 array_record==0.8.6 cloudpickle==3.1.3 portpicker==1.6.0)
 
 if [[ ${1:-} == --prepare ]]; then
     mkdir -p .whl
     exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp -d .whl "$DM_PIX"
+        --implementation cp -d .whl "${WHEELS[@]}"
 fi
 
-# dm_pix (data/augment.py) is the one dependency of the benchmarks the GPU image lacks.
-if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("dm_pix") is None)'; then
+if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("dm_pix", "grain")))'; then
     shopt -s nullglob
     wheels=(.whl/*.whl)
     if ((${#wheels[@]} == 0)); then
-        echo "dm_pix is not installed and .whl/ holds no wheel: run 'bash bench/accelerator_suite.sh" \
+        echo "dm_pix or grain is not installed and .whl/ holds no wheel: run 'bash bench/accelerator_suite.sh" \
             "--prepare' where pip reaches PyPI, and carry .whl" >&2
         exit 2
     fi

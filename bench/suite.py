@@ -141,6 +141,10 @@ def accelerator_steps() -> list:
     forward = ["--models", models, "--batch", "64"]
     steps.append(Step("zoo", "zoo.py", forward + ["--repeats", "20", "--warmup", "3"], 25,
                       [_timing_once(["--models", m, "--batch", "64"]) for m in IMAGENET_MODELS]))
+    # The streaming loader on generated JPEGs (in-process and 8 workers) and its share of a
+    # ResNet-18 224 step; its first epoch and first step are its own warm-up.
+    steps.append(Step("streaming", "streaming.py", ["--images", "1024", "--batch", "128", "--workers",
+                                                    "0", "8", "--steps", "6"], 60))
     return steps
 
 
@@ -171,6 +175,8 @@ def smoke_steps() -> list:
                                          "--methods", "sgd_swag", "edfm"], 600, after=("throughput-c10",)),
         Step("data_pipeline-c10", "data_pipeline.py", ["--preset", "c10", *SMOKE_TRAIN, *SMOKE_TIMING], 600,
              after=("throughput-c10",)),
+        Step("streaming", "streaming.py", ["--images", "24", "--batch", "8", "--size", "32", "--steps", "1",
+                                           "--workers", "0"], 600),
     ]
 
 
@@ -226,6 +232,11 @@ def figures(result: dict) -> dict:
             out[f"{method}.xla.peak_estimate"] = (row["xla"] or {}).get("peak_estimate")
             if row.get("device"):
                 out[f"{method}.device.peak_in_use"] = row["device"].get("peak_in_use")
+    elif name == "streaming":
+        for row in result["loader"]:
+            out[f"loader.{row['workers']}.images_per_s"] = row["images_per_s"]
+        for key in ("streamed_step_s", "synthetic_step_s"):  # the share may be 0: not checked
+            out[f"step.{key}"] = result["step"][key]
     elif name == "teacher_ensemble":
         for way, row in result["timings"].items():
             out[f"{way}.median_s"] = row["median_s"]
@@ -479,6 +490,19 @@ def tables(out_dir: str, tag: str) -> str:
                 cells.append(f"`{method}` {_fmt(peak, ',.0f')} (XLA {_fmt(estimate, ',.0f')})")
             rows.append(f"| (e) memory, c10, batch {result['config']['batch']}, {dtype}: allocator peak "
                         f"(XLA's estimate), MiB per device | {', '.join(cells)} | reported |")
+    result = _load(out_dir, "streaming", tag)
+    if result:
+        seen(result)
+        step = result["step"]
+        loaders = ", ".join(f"{r['workers'] or 'in-process'}{' workers' if r['workers'] else ''} "
+                            f"{_fmt(r['images_per_s'], ',.0f')} images/s "
+                            f"({_fmt(r['images_per_s_per_worker'], ',.0f')} per worker)"
+                            for r in result["loader"])
+        rows.append(f"| (f) streaming, generated JPEGs -> {result['size']}² RandomResizedCrop, flip, "
+                    f"RandAugment | {loaders}; ResNet-18 step, batch {step['batch']}: "
+                    f"{_fmt(step['streamed_step_s'], '.2f', 1e3)} ms streamed, "
+                    f"{_fmt(step['synthetic_step_s'], '.2f', 1e3)} ms synthetic: loader share "
+                    f"**{_fmt(step['loader_share'], '.1%')}** | ≤ 10% of the step |")
     result = _load(out_dir, "zoo", tag)
     if result:
         seen(result)
