@@ -111,7 +111,7 @@ class GenDDConfig(CommonConfig):
     stage1_ne: int = 50  # stage-1 epochs
     stage1_weight_decay: float = 5e-2  # stage-1 AdamW weight decay
     # GenDD
-    smooth: float = 0.9  # distribution contraction s
+    smooth: Optional[float] = None  # distribution contraction s; null: 0.9, or 0 when unsupervised (the reference's scripts)
     unsupervised: bool = False  # no labels: no probe CE, probe frozen, soft labels from the teacher
     beta: float = 1.0  # representation mixup Beta(beta, beta); 0 disables it
     token_dim: int = 64  # td: the teacher feature is split into D/td tokens
@@ -130,6 +130,10 @@ class GenDDConfig(CommonConfig):
     val_num_sampling: int = 1  # ... during validation
     num_val_examples: Optional[int] = None  # validate on the first N validation images only
     select_metric: Optional[str] = "acc"
+
+    def __post_init__(self):
+        if self.smooth is None:  # the reference's scripts: 0.9 with labels, 0 without
+            self.smooth = 0.0 if self.unsupervised else 0.9
 
     def validate(self):
         super().validate()

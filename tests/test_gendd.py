@@ -222,6 +222,14 @@ def test_config_validation():
                                          "--unsupervised", "true"])
     with pytest.raises(UserError, match="smooth"):
         parse_config(gendd.GenDDConfig, ["--teacher_dir", "x", "--smooth", "1.5"])
+    # s defaults to the reference scripts': 0.9 supervised, 0 unsupervised; a given s is kept
+    assert parse_config(gendd.GenDDConfig, ["--teacher_dir", "x"]).smooth == 0.9
+    assert parse_config(gendd.GenDDConfig, ["--teacher_dir", "x", "--unsupervised", "true"]).smooth == 0.0
+    assert parse_config(gendd.GenDDConfig, ["--teacher_dir", "x", "--unsupervised", "true",
+                                            "--smooth", "0.5"]).smooth == 0.5
+    with pytest.raises(UserError, match="no labels to mix"):
+        parse_config(gendd.GenDDConfig, ["--teacher_dir", "x", "--unsupervised", "true",
+                                         "--cutmix_alpha", "1.0"])
 
 
 def test_shipped_configs_parse():
@@ -383,3 +391,38 @@ def test_stage2_gradients_reach_what_they_should():
     ((g, (_, metrics)),) = grads(["loss"], unsupervised=True, smooth=0.0)
     assert "probe_nll" not in metrics
     assert norm(g["student"]["classifier"]) == 0 and norm(backbone(g)) > 0
+
+
+def test_stage2_takes_a_streamed_batch_and_its_soft_labels():
+    """A streamed batch (workers already augmented it: `augmented_images`) with one-hot soft
+    labels trains exactly as hard labels; other soft labels change the contraction target (qᵀW)
+    and the probe's cross-entropy."""
+    student, teacher = _TinyNet(16), _TinyNet(32)
+    x = jnp.zeros((2, 28, 28, 1))
+    s_vars = dict(student.init(jax.random.key(0), x))
+    t_vars = teacher.init(jax.random.key(1), x)
+    head = gendd.DiffusionMLP(token_dim=16, num_tokens=2, width=8, depth=1, cond_drop_prob=0.2)
+    params = {"student": s_vars.pop("params"),
+              "projector": {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
+              "head": head.init(jax.random.key(2), jnp.zeros((1, 16)), jnp.zeros((1,), jnp.int32),
+                                jnp.zeros((1, 16)), jnp.zeros((1,), jnp.int32))["params"]}
+    leaves, tree = jax.tree.flatten(params["head"])  # off the zero init, so ε̂ depends on x_t
+    noise = [0.1 * jax.random.normal(jax.random.key(i), v.shape) for i, v in enumerate(leaves)]
+    params["head"] = jax.tree.unflatten(tree, [v + n for v, n in zip(leaves, noise)])
+    frozen = {"teacher": t_vars, "classifier": t_vars["params"]["classifier"]}
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)), jnp.uint8)
+    labels = jnp.arange(4, dtype=jnp.int32)
+    config = gendd.GenDDConfig(teacher_dir="x", token_dim=16, diffusion_batch_mul=2, beta=0.0,
+                               crop_padding=0, flip=False)
+    loss_fn = gendd.make_stage2_loss_fn(student, teacher, head, gendd.gd.make_cosine_diffusion(50),
+                                        config)
+    run = jax.jit(lambda batch: loss_fn(params, s_vars, frozen, batch, jax.random.key(4))[1][1])
+    on_device = run({"images": images, "labels": labels, "mask": jnp.ones(4, bool)})
+    streamed = {"augmented_images": images, "labels": labels, "mask": jnp.ones(4, bool)}
+    one_hot = run({**streamed, "soft_labels": jax.nn.one_hot(labels, 10)})
+    for name in ("diff_loss", "probe_nll", "probe_acc"):
+        np.testing.assert_allclose(one_hot[name], on_device[name], rtol=1e-6)
+    mixed = run({**streamed, "soft_labels": 0.5 * jax.nn.one_hot(labels, 10)
+                 + 0.5 * jax.nn.one_hot(labels[::-1], 10)})
+    assert mixed["diff_loss"] != one_hot["diff_loss"] and mixed["probe_nll"] != one_hot["probe_nll"]
+    assert mixed["probe_acc"] == one_hot["probe_acc"]  # accuracy stays against the hard labels
