@@ -20,11 +20,26 @@ Inputs
   replaces the method's default sweep lists (e.g. EDFM `{members: [1, 8, 32]}`), `false` skips
   them.
 
-Every method is evaluated on the test split (the first `num_test_examples` when set) and on
-every shift and OOD set available for the data set (data/shift.py: the Fashion-MNIST corruption
-suite and the digits OOD set; CIFAR's .npy sets when present). Written to `--save DIR` (a new
-or empty directory; nothing is overwritten):
-- results.md   the main table (rows methods; accuracy, calibration, fidelity to the teacher,
+The data set is utils.data_loading.load_data's: the registry's small sets on the devices, the
+catalog's large ones (imagenet2012, ImageNet_LT, `tfds:<name>`, `folder:<path>`, ...; data/catalog.py)
+streamed through grain with `input_pipeline`, `image_size`, `eval_crop_fraction`, `data_workers`,
+`eval_data_name` as in the training scripts; `long_tail_ratio` makes an on-device training split
+long-tailed, and `shot_thresholds: [many, few]` adds many-, medium- and few-shot accuracy (classes
+grouped by their number of training images; utils.metrics.shot_accuracies).
+
+Every method is evaluated on the test split (the first `num_test_examples` when set, on-device
+sets only) and on every shift and OOD set available for the data set (data/shift.py: the
+Fashion-MNIST corruption suite and the digits OOD set; CIFAR's .npy sets when present), plus the
+streamed catalog sets named by `shift_data` (labelled, the data set's classes; e.g.
+`[tfds:cifar10_corrupted/gaussian_noise_5, tfds:cifar10_1]`) and `ood_data` (labels unused; e.g.
+`[tfds:svhn_cropped]`): each one's test split (its val split when it has no test split), in the
+data set's channels, through the evaluation transform at the data set's image size (resize and
+centre crop by `eval_crop_fraction` when the data set streams; resize only, crop fraction 1,
+when it sits on the devices, whose test images are used as they are). `eval_shift: false` skips
+every shift and OOD set. Written to `--save DIR` (a new or empty directory; nothing is
+overwritten):
+- results.md   the main table (rows methods; accuracy, top-5 accuracy with more than 5 classes,
+               the shot groups with shot_thresholds, calibration, fidelity to the teacher,
                diversity, W2, OOD AUROC, mean shift accuracy / NLL, cost), a table per shift set,
                the OOD sets and each student's sweeps (its method's hook: EDFM members and
                function evaluations, GenDD sampling steps and guidance);
@@ -48,17 +63,20 @@ import difflib
 import json
 import os
 import time
-from typing import Optional
+from typing import List, Optional
 
 import jax
 import numpy as np
 import yaml
 
-from data.datasets import Split, load_dataset
+from data import catalog, datasets
+from data.datasets import Split
 from data.shift import ShiftSets, load_shift_sets
+from data.stream import Stream
 from utils import metrics, plots
 from utils.config import CommonConfig, _read_yaml, parse_config, prepare_run_dir
 from utils.cost import predictor_cost
+from utils.data_loading import load_data, shot_groups
 from utils.errors import UserError, cli_main
 from utils.evaluation import check_classes, ensemble_summary, ood_aurocs, uncertainty_scores
 from utils.method import register_config
@@ -74,8 +92,13 @@ class EvaluateConfig(CommonConfig):
     # read by parse_evaluate_config: the YAML list of {name, path | ensemble, options, sweeps}
     students: list = dataclasses.field(default_factory=list)  # students: name=path,name=path,...
     eval_bs: int = 500  # inputs per prediction batch
-    num_test_examples: Optional[int] = None  # the first N of the test split and of each shift/OOD set
-    eval_shift: bool = True  # also the shift and OOD sets
+    num_test_examples: Optional[int] = None  # first N of the test split and each shift/OOD set (on-device)
+    eval_shift: bool = True  # also the shift and OOD sets (data/shift.py's, shift_data, ood_data)
+    # streamed catalog sets (tfds:<name>, folder:<path>, ...) as extra shift sets: their test split,
+    # labelled in the data set's classes; e.g. [tfds:cifar10_corrupted/gaussian_noise_5, tfds:cifar10_1]
+    shift_data: List[str] = dataclasses.field(default_factory=list)
+    # streamed catalog sets as extra OOD sets (their test split; labels unused); e.g. [tfds:svhn_cropped]
+    ood_data: List[str] = dataclasses.field(default_factory=list)
     w2: bool = True  # the W2 column (exact assignment per input; the slowest metric)
     sweeps: bool = True  # each student's sweeps (its method's hook; per student `sweeps:`)
     latency_bs: Optional[int] = None  # batch of the latency column; default eval_bs
@@ -92,6 +115,17 @@ class EvaluateConfig(CommonConfig):
         for key in ("num_test_examples", "latency_bs"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"config key {key} must be >= 1 or null, got {getattr(self, key)}")
+        for key in ("shift_data", "ood_data"):
+            names = getattr(self, key)
+            for name in names:
+                if not catalog.is_streamed(name):
+                    raise UserError(
+                        f"{key}: {name!r} is not a streamed data set (streamed: "
+                        f"{', '.join(catalog.known_names())}); the on-device sets' own shift and "
+                        f"OOD sets come from data/shift.py")
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise UserError(f"{key} names {', '.join(repeated)} more than once")
 
 
 # ------------------------------------------------------------------------------------- config
@@ -168,6 +202,15 @@ def parse_evaluate_config(argv) -> EvaluateConfig:
     if "--resume" in argv:
         raise UserError("evaluate.py does not resume: give a new or empty --save directory")
     cli_students = _pop_flag(argv, "--students")
+    for flag in ("--shift_data", "--ood_data"):  # also a comma-separated list on the command line
+        value = _pop_flag(argv, flag)
+        if value is not None:
+            text = value.strip()
+            if text in ("", "null", "[]"):
+                text = "[]"
+            elif not text.startswith("["):
+                text = json.dumps([n.strip() for n in text.split(",") if n.strip()])
+            argv += [flag, text]
     config_path = _pop_flag(argv, "--config")
     prefix, students = [], []
     if config_path is not None:
@@ -227,8 +270,84 @@ def _load_student(spec: dict, **overrides):
     return ensemble_predictor(spec["name"], [load_predictor(p, **options) for p in spec["paths"]])
 
 
-def _cap(split: Split, n: Optional[int]) -> Split:
+def _refuse_cap(n: Optional[int], what: str):
+    if n is not None:
+        raise UserError(f"num_test_examples applies to the on-device sets only, and {what} streams: "
+                        f"remove num_test_examples (a streamed set takes a list file of the images "
+                        f"to use, data/sources.py ListFileSource)")
+
+
+def _cap(split, n: Optional[int], what: str = "the test split"):
+    """The first n examples of an on-device Split (all when n is None); a Stream is not capped."""
+    if isinstance(split, Stream):
+        _refuse_cap(n, what)
+        return split
     return split if n is None or len(split) <= n else Split(split.images[:n], split.labels[:n])
+
+
+def _cap_images(images, n: Optional[int], what: str):
+    """An OOD set (uint8 images or a Stream) capped like _cap."""
+    if isinstance(images, Stream):
+        _refuse_cap(n, what)
+        return images
+    return images[:n] if n else images
+
+
+def _inputs(split):
+    """What utils.predict.Runner takes: a Split's uint8 images, or the Stream itself."""
+    return split if isinstance(split, Stream) else split.images
+
+
+def _with_batch(stream, batch_size: int):
+    """A Stream read in batches of the Runner's size (eval_bs rounded down to a multiple of the
+    devices, as the on-device path batches), so both paths draw the same per-batch keys; an
+    on-device Split as it is."""
+    if not isinstance(stream, Stream) or stream.batch_size == batch_size:
+        return stream
+    return dataclasses.replace(stream, batch_size=batch_size)
+
+
+def streamed_test_set(data_name: str, config, image_shape, crop_fraction: float, batch_size: int):
+    """The test split of catalog set `data_name` (its val split when it has no test split) as an
+    evaluation Stream at `image_shape` (H, W, C): converted to C channels, resized (shorter side
+    to H / crop_fraction) and centre-cropped to H x H by data.image_ops.EvalTransform."""
+    from data.image_ops import EvalTransform
+
+    channels = int(image_shape[-1])
+    source = None
+    for split in ("test", "val"):
+        source = catalog.open_split(data_name, config.data_root, split, channels=channels, optional=True)
+        if source is not None:
+            break
+    if source is None:  # neither: open_split's own line, naming where it looked
+        catalog.open_split(data_name, config.data_root, "test", channels=channels)
+    size = int(image_shape[0])
+    return Stream(source, batch_size, EvalTransform(size, crop_fraction=crop_fraction),
+                  (size, size, channels), train=False, seed=config.seed,
+                  num_workers=config.data_workers, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+
+
+def extra_sets(config, dataset, batch_size: int):
+    """({name: Stream} shift sets, {name: Stream} OOD sets) of config.shift_data / ood_data;
+    a shift set must be labelled in the data set's classes."""
+    crop = config.eval_crop_fraction if isinstance(dataset.test, Stream) else 1.0
+    shift, ood = {}, {}
+    for name in config.shift_data:
+        classes = catalog.get_streamed_spec(name, config.data_root).num_classes
+        if classes != dataset.num_classes:
+            raise UserError(f"shift_data {name} has {classes or 'no'} classes, {config.data_name} "
+                            f"{dataset.num_classes}: a shift set is labelled in the data set's classes "
+                            f"(list it under ood_data otherwise)")
+        stream = streamed_test_set(name, config, dataset.image_shape, crop, batch_size)
+        labels = stream.labels
+        if len(labels) and (labels.min() < 0 or labels.max() >= dataset.num_classes):
+            raise UserError(f"shift_data {name}: its labels must be 0..{dataset.num_classes - 1}, "
+                            f"found {labels.min()}..{labels.max()} (-1: unlabeled)")
+        shift[name] = stream
+    for name in config.ood_data:
+        ood[name] = streamed_test_set(name, config, dataset.image_shape, crop, batch_size)
+    return shift, ood
 
 
 # ------------------------------------------------------------------------------------- sweeps
@@ -236,19 +355,21 @@ SWEEP_KEYS = ("acc", "nll", "ece", "brier", "kl_to_teacher", "agreement", "mi", 
               "disagreement")
 
 
-def run_sweeps(spec: dict, method, test: Split, teacher_logits, config: EvaluateConfig, mesh, key,
+def run_sweeps(spec: dict, method, test, teacher_logits, config: EvaluateConfig, mesh, key,
                log=print) -> dict:
     """{sweep name: {"x_label", "points": [{x, options, metrics...}]}} of a student: the sweeps
     its method's hook defines (utils.method.Sweep), each point a fresh load_predictor with the
-    point's options, evaluated on the test inputs."""
+    point's options, evaluated on the test inputs (an on-device Split, or a Stream read again
+    for every point)."""
     if method.sweeps is None or spec["sweeps"] is False:
         return {}
+    inputs, labels = _inputs(test), np.asarray(test.labels)
     out = {}
     for sweep in method.sweeps(spec["options"], spec["sweeps"]):
         points = []
         for x, options in sweep.points:
             runner = Runner(_load_student(spec, **options), mesh, config.eval_bs)
-            summary = ensemble_summary(runner(test.images, key), test.labels, teacher_logits)
+            summary = ensemble_summary(runner(inputs, key), labels, teacher_logits)
             points.append({"x": x, "options": options, **{k: summary[k] for k in SWEEP_KEYS},
                            "num_members": runner.predictor.num_members,
                            "eval_seconds": runner.seconds})
@@ -282,11 +403,20 @@ def markdown_table(headers, rows) -> str:
     return "\n".join(lines)
 
 
-def main_columns(latency_bs: int):
-    """(header, getter(result) -> value, format) of the main table, in order."""
+# test metrics that only some evaluations have: top-5 (more than 5 classes), the shot groups
+OPTIONAL_TEST_COLUMNS = (("Top-5 (%)", "top5"), ("Many-shot acc (%)", "many_acc"),
+                         ("Medium-shot acc (%)", "medium_acc"), ("Few-shot acc (%)", "few_acc"))
+
+
+def main_columns(latency_bs: int, results: Optional[dict] = None):
+    """(header, getter(result) -> value, format) of the main table, in order; the optional test
+    columns (OPTIONAL_TEST_COLUMNS) where some result of `results` has them."""
     test = lambda key: (lambda r: r["test"].get(key))  # noqa: E731
+    optional = [(header, test(key), "pct") for header, key in OPTIONAL_TEST_COLUMNS
+                if results and any(key in r["test"] for r in results.values())]
     return [
         ("Acc (%)", test("acc"), "pct"),
+        *optional,
         ("NLL", test("nll"), "f4"),
         ("ECE (%)", test("ece"), "pct"),
         ("Brier", test("brier"), "f4"),
@@ -309,7 +439,7 @@ def main_columns(latency_bs: int):
 
 
 def main_table(results: dict, latency_bs: int) -> str:
-    columns = main_columns(latency_bs)
+    columns = main_columns(latency_bs, results)
     rows = [[name] + [_fmt(get(r), kind) for _, get, kind in columns] for name, r in results.items()]
     return markdown_table(["Method"] + [h for h, _, _ in columns], rows)
 
@@ -374,6 +504,18 @@ def teacher_description(config) -> str:
     return f"{config.teacher_samples_per_run} SWAG samples per run"
 
 
+def _optional_columns_note(config, results: dict) -> str:
+    tests = [r["test"] for r in results.values()]
+    note = ""
+    if any("top5" in t for t in tests):
+        note += " Top-5 = the label among the ensemble's 5 most probable classes."
+    if any("many_acc" in t for t in tests):
+        many, few = config.shot_thresholds
+        note += (f" Many-shot: classes with more than {many} training images, few-shot: fewer than "
+                 f"{few}, medium-shot: the rest; each the mean of its classes' accuracies.")
+    return note
+
+
 def write_markdown(path: str, config, results: dict, shift_names, ood_names, sweeps: dict,
                    plot_names, info: dict, latency_bs: int):
     lines = [
@@ -387,7 +529,8 @@ def write_markdown(path: str, config, results: dict, shift_names, ood_names, swe
         "W2 between the per-input sets of centred member logits; OOD AUROC averaged over "
         f"{', '.join(ood_names) or 'no OOD set'}; shift = mean over {len(shift_names)} shift sets. "
         f"FLOPs per input from XLA's cost analysis of the compiled prediction; latency = median "
-        f"of {config.latency_repeats} timed batches of {latency_bs} after warm-up, one device.",
+        f"of {config.latency_repeats} timed batches of {latency_bs} after warm-up, one device."
+        + _optional_columns_note(config, results),
         "",
         main_table(results, latency_bs),
         "",
@@ -434,8 +577,15 @@ def write_plots(run_dir: str, results: dict, reliability: dict, sweeps: dict, te
 
 
 # ------------------------------------------------------------------------------------- main
-def _latency_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """The first `size` images, repeated when the set is smaller."""
+def _latency_batch(images, size: int) -> np.ndarray:
+    """The first `size` images (of a Stream: of its first batch), repeated when fewer."""
+    if isinstance(images, Stream):
+        batches = images.batches(0)
+        try:
+            first = next(batches)
+        finally:
+            batches.close()
+        images = first["images"][first["mask"]]
     idx = np.arange(size) % len(images)
     return np.ascontiguousarray(images[idx])
 
@@ -456,6 +606,23 @@ def _plain(tree):
     return tree
 
 
+def _registry_shift_sets(config, dataset, test, log) -> ShiftSets:
+    """data/shift.py's sets of a registry data set (none for a catalog one); when the registry set
+    streams, they are used only if its evaluation transform leaves its images as they are (the
+    registry's shape, eval_crop_fraction 1), as data/shift.py's arrays are."""
+    if catalog.is_streamed(config.data_name):
+        return ShiftSets({}, {})
+    if isinstance(test, Stream):
+        native = tuple(datasets.get_spec(config.data_name).image_shape)
+        if tuple(dataset.image_shape) != native or config.eval_crop_fraction != 1:
+            log(f"data/shift.py's sets of {config.data_name} are its {native} images as they are; "
+                f"the streamed test images are resized to {tuple(dataset.image_shape)} with "
+                f"eval_crop_fraction {config.eval_crop_fraction}: those sets are not evaluated")
+            return ShiftSets({}, {})
+        return load_shift_sets(config.data_name, config.data_root, None)
+    return load_shift_sets(config.data_name, config.data_root, test)
+
+
 def evaluate(config: EvaluateConfig, log=print) -> dict:
     """The whole evaluation; returns {run_dir, results, sweeps, ...} (also written to disk)."""
     _refuse_existing(config.save)
@@ -463,16 +630,29 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     methods = {spec["name"]: _check_student(spec) for spec in config.students}
     wall = time.perf_counter()
     timings = {}
-    dataset = load_dataset(config.data_name, config.data_root, download=config.download)
-    test = _cap(dataset.test, config.num_test_examples)
-    sets = (load_shift_sets(config.data_name, config.data_root, test) if config.eval_shift
-            else ShiftSets({}, {}))
+    mesh = make_mesh()
+    batch_size = max(mesh.size, config.eval_bs - config.eval_bs % mesh.size)  # the Runner's
+    dataset = load_data(config)
+    if dataset.test is None:
+        raise UserError(f"{config.data_name} has no test or val split to evaluate on")
+    test = _with_batch(_cap(dataset.test, config.num_test_examples), batch_size)
+    labels = np.asarray(test.labels)
+    if dataset.num_classes is None or (len(labels) and labels.min() < 0):
+        raise UserError(f"the test split of {config.eval_data_name or config.data_name} is "
+                        f"unlabeled: evaluate.py needs labels (eval_data_name names a labelled set)")
+    groups = shot_groups(config, dataset)
+    sets = _registry_shift_sets(config, dataset, test, log) if config.eval_shift else ShiftSets({}, {})
     shift = {name: _cap(split, config.num_test_examples) for name, split in sets.shift.items()}
-    ood = {name: images[:config.num_test_examples] if config.num_test_examples else images
-           for name, images in sets.ood.items()}
+    ood = {name: _cap_images(images, config.num_test_examples, name) for name, images in sets.ood.items()}
+    if config.eval_shift:
+        extra_shift, extra_ood = extra_sets(config, dataset, batch_size)
+        shift.update({n: _cap(s, config.num_test_examples, f"shift_data {n}") for n, s in extra_shift.items()})
+        ood.update({n: _cap_images(s, config.num_test_examples, f"ood_data {n}") for n, s in extra_ood.items()})
+    elif config.shift_data or config.ood_data:
+        log("eval_shift is false: shift_data and ood_data are not evaluated")
     timings["data_s"] = time.perf_counter() - wall
-    log(f"{config.data_name}: {len(test)} test inputs, {len(shift)} shift sets, "
-        f"{len(ood)} OOD sets ({', '.join(ood) or 'none'})")
+    log(f"{config.data_name}: {len(test)} test inputs{' (streamed)' if isinstance(test, Stream) else ''}, "
+        f"{len(shift)} shift sets, {len(ood)} OOD sets ({', '.join(ood) or 'none'})")
 
     start = time.perf_counter()
     teacher = configured_teacher(config)
@@ -494,7 +674,6 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     log(f"evaluating {', '.join(f'{n} ({p.kind}, {p.num_members} members)' for n, p in predictors.items())}"
         f" into {run_dir}")
 
-    mesh = make_mesh()
     runners = {name: Runner(p, mesh, config.eval_bs) for name, p in predictors.items()}
     base_key = jax.random.PRNGKey(config.seed)
     results = {name: {"kind": p.kind, "num_members": p.num_members,
@@ -507,20 +686,26 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     # The test split, with W2 and everything else.
     start = time.perf_counter()
     key = jax.random.fold_in(base_key, 0)
-    teacher_test = runners[teacher.name](test.images, key, desc=f"{teacher.name} test")
+    test_inputs = _inputs(test)
+    teacher_test = runners[teacher.name](test_inputs, key, desc=f"{teacher.name} test")
     check_classes(teacher_test, dataset.num_classes, teacher.name)
     for name, runner in runners.items():
         is_teacher = name == teacher.name
-        logits = teacher_test if is_teacher else runner(test.images, key, desc=f"{name} test")
+        logits = teacher_test if is_teacher else runner(test_inputs, key, desc=f"{name} test")
         check_classes(logits, dataset.num_classes, name)
-        summary = ensemble_summary(logits, test.labels, None if is_teacher else teacher_test,
+        summary = ensemble_summary(logits, labels, None if is_teacher else teacher_test,
                                    w2=config.w2)
+        probs = metrics.ensemble_probs(logits)
+        if dataset.num_classes > 5:
+            summary["top5"] = metrics.top_k_accuracy(probs, labels, 5)
+        if groups is not None:
+            summary.update(metrics.shot_accuracies(probs, labels, *groups))
         results[name]["test"] = summary
         in_scores[name] = uncertainty_scores(logits)
-        probs = metrics.ensemble_probs(logits)
-        reliability[name] = (probs.max(axis=-1), probs.argmax(axis=-1) == test.labels)
+        reliability[name] = (probs.max(axis=-1), probs.argmax(axis=-1) == labels)
         log(f"{name} test: " + "  ".join(f"{k} {summary[k]:.4f}" for k in
-                                         ("acc", "nll", "ece", "kl_to_teacher", "w2", "mi")
+                                         ("acc", "top5", "many_acc", "medium_acc", "few_acc", "nll",
+                                          "ece", "kl_to_teacher", "w2", "mi")
                                          if summary.get(k) is not None))
     timings["test_s"] = time.perf_counter() - start
 
@@ -528,12 +713,13 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     start = time.perf_counter()
     for index, (set_name, split) in enumerate(shift.items(), start=1):
         key = jax.random.fold_in(base_key, index)
-        t_logits = runners[teacher.name](split.images, key)
+        inputs, shift_labels = _inputs(split), np.asarray(split.labels)
+        t_logits = runners[teacher.name](inputs, key)
         for name, runner in runners.items():
             is_teacher = name == teacher.name
-            logits = t_logits if is_teacher else runner(split.images, key)
+            logits = t_logits if is_teacher else runner(inputs, key)
             results[name]["shift"][set_name] = ensemble_summary(
-                logits, split.labels, None if is_teacher else t_logits)
+                logits, shift_labels, None if is_teacher else t_logits)
         log(f"shift {set_name}: " + "  ".join(f"{n} {r['shift'][set_name]['acc']:.4f}"
                                                for n, r in results.items()))
     for r in results.values():
@@ -562,7 +748,7 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
     # Cost: parameters, FLOPs per input, latency of one batch.
     start = time.perf_counter()
     latency_bs = config.latency_bs or config.eval_bs
-    batch = _latency_batch(test.images, latency_bs)
+    batch = _latency_batch(test_inputs, latency_bs)
     for name, predictor in predictors.items():
         results[name]["cost"] = predictor_cost(predictor, batch, key=base_key,
                                                repeats=config.latency_repeats,

@@ -221,11 +221,13 @@ latency_warmup: 1
     out = evaluate.main(["--config", str(config_file), "--save", str(save)])
 
     text = (save / "results.md").read_text()
+    results = json.loads((save / "results.json").read_text())
     teacher_name = "Teacher (1x2)"
     main_table = text.split("\n\n")[3].splitlines()  # title, info, definitions, table
     header = [c.strip() for c in main_table[0].strip("|").split("|")]
-    assert header == ["Method"] + [h for h, _, _ in evaluate.main_columns(16)]
-    for required in ("Acc (%)", "NLL", "ECE (%)", "Brier", "KL to teacher", "Agreement (%)", "AMB",
+    assert header == ["Method"] + [h for h, _, _ in evaluate.main_columns(16, results["methods"])]
+    assert "Top-5 (%)" in header and "Many-shot acc (%)" not in header  # 10 classes, no shot groups
+    for required in ("Acc (%)", "Top-5 (%)", "NLL", "ECE (%)", "Brier", "KL to teacher", "Agreement (%)", "AMB",
                      "Brier var", "MI", "Disagreement", "W2", "OOD AUROC entropy (%)", "OOD AUROC MI (%)",
                      "Shift acc (%)", "Shift NLL", "Params", "FLOPs/input", "Members"):
         assert required in header, required
@@ -252,7 +254,6 @@ latency_warmup: 1
         assert f"]({png})" in text
 
     # The numbers: the teacher run as a student is the teacher; KD matches a direct computation.
-    results = json.loads((save / "results.json").read_text())
     methods = results["methods"]
     self_test = methods["Self"]["test"]
     assert self_test["kl_to_teacher"] == pytest.approx(0, abs=1e-6)
@@ -267,6 +268,8 @@ latency_warmup: 1
                                                                           test.labels[:48]))
     assert methods["KD"]["test"]["nll"] == pytest.approx(
         metrics.nll(metrics.softmax(kd_logits[:, 0]), test.labels[:48]), rel=1e-4)
+    assert methods["KD"]["test"]["top5"] == pytest.approx(metrics.top_k_accuracy(
+        metrics.softmax(kd_logits[:, 0]), test.labels[:48], 5))
     assert methods["KD"]["num_members"] == 1 and methods["KD"]["test"]["mi"] is None
     assert methods["KD"]["ood"]["digits"]["auroc_mi"] is None
     # the pooled ensemble of two KD exports: 2 members, the mean of their softmaxes
@@ -304,3 +307,61 @@ latency_warmup: 1
         evaluate.main(["--config", str(config_file), "--save", str(save)])
     assert info.value.code == 2 and (save / "results.md").read_text() == before
     assert re.search(r"\| KD \|", before)
+
+
+@pytest.mark.slow
+def test_evaluate_long_tailed_shot_groups_and_top5(tmp_path, fake_fmnist_root, monkeypatch):
+    """long_tail_ratio and shot_thresholds on an on-device set: the many-, medium- and few-shot
+    accuracies (and top-5) of each row equal utils.metrics on predictions made here, the class
+    groups counted here from the long-tailed training split."""
+    from data.datasets import load_dataset, long_tailed
+    from models.resnet import ResNet
+    from utils.checkpoints import save_resnet
+
+    root = fake_fmnist_root  # class c: a bright band on rows 2c+2 .. 2c+4
+    teacher = ResNet(num_classes=10, depth=8, width=1, planes=8, pixel_mean=(0.286,), pixel_std=(0.353,))
+    variables = teacher.init(jax.random.PRNGKey(3), jnp.zeros((1, 28, 28, 1)))
+    save_resnet(str(tmp_path / "teacher" / "model"), teacher, variables["params"], {},
+                data_name="FashionMNIST_x28")
+    # A linear student that reads the bands, with classes 1 and 8 swapped: those two always wrong.
+    bands = np.zeros((28, 28, 10), np.float32)
+    for c in range(10):
+        bands[2 + 2 * c: 5 + 2 * c, :, c] = 0.1
+    w = bands[:, :, [0, 8, 2, 3, 4, 5, 6, 7, 1, 9]].reshape(784, 10)
+    flow_dir = tmp_path / "flow" / "model"
+    flow_dir.mkdir(parents=True)
+    (flow_dir / "sidecar.json").write_text(json.dumps({"kind": "fake_flow", "data_name": "FashionMNIST_x28"}))
+    np.save(flow_dir / "w.npy", w)
+    method_lib.methods()
+    monkeypatch.setitem(method_lib._METHODS, "fake_flow", _fake_flow_method())
+
+    save = tmp_path / "eval"
+    out = evaluate.main(["--data_root", root, "--teacher_dir", str(tmp_path / "teacher"),
+                         "--teacher_samples_per_run", "1", "--students",
+                         f"[{{name: Bands, path: {tmp_path / 'flow'}, options: {{num_members: 2, num_steps: 1000}}}}]",
+                         "--long_tail_ratio", "10", "--shot_thresholds", "[15, 5]", "--eval_shift", "false",
+                         "--w2", "false", "--sweeps", "false", "--num_test_examples", "48", "--eval_bs", "16",
+                         "--latency_bs", "4", "--latency_repeats", "1", "--latency_warmup", "0",
+                         "--save", str(save)])
+    dataset = load_dataset("FashionMNIST_x28", root)
+    counts = np.bincount(long_tailed(dataset.train, 10, 10.0).labels, minlength=10)
+    assert list(counts) == [25, 19, 14, 11, 8, 6, 5, 4, 3, 2]  # many: 0-1, medium: 2-6, few: 7-9
+    images, labels = dataset.test.images[:48], dataset.test.labels[:48]
+    flat = images.reshape(48, -1) / 255.0
+    expected = {"Teacher (1x1)": metrics.softmax(np.asarray(teacher.apply(variables, images / 255.0))),
+                "Bands": metrics.softmax(flat @ w)}
+    results = json.loads((save / "results.json").read_text())["methods"]
+    for name, probs in expected.items():
+        test = results[name]["test"]
+        shots = metrics.shot_accuracies(probs, labels, counts, many=15, few=5)
+        assert {k: test[k] for k in shots} == pytest.approx(shots), name
+        assert test["top5"] == pytest.approx(metrics.top_k_accuracy(probs, labels, 5)), name
+    # classes 1 (many) and 8 (few) are always wrong, the others right: the groups tell them apart
+    assert {k: results["Bands"]["test"][k] for k in ("many_acc", "medium_acc", "few_acc")} == pytest.approx(
+        {"many_acc": 0.5, "medium_acc": 1.0, "few_acc": 2 / 3})
+    header = [c.strip() for c in out["table"].splitlines()[0].strip("|").split("|")]
+    assert header[1:6] == ["Acc (%)", "Top-5 (%)", "Many-shot acc (%)", "Medium-shot acc (%)",
+                           "Few-shot acc (%)"]
+    bands_row = [c.strip() for c in out["table"].splitlines()[3].strip("|").split("|")]
+    assert bands_row[0] == "Bands" and bands_row[3:6] == ["50.00", "100.00", "66.67"]
+    assert "Many-shot: classes with more than 15 training images" in (save / "results.md").read_text()
