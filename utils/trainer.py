@@ -240,18 +240,40 @@ def map_batches(jitted_fn, args, images: np.ndarray, labels: np.ndarray, *, batc
         raise UserError(f"batch size {batch_size} is not a multiple of the {mesh.size} devices")
     key = jax.random.PRNGKey(0) if key is None else key
     sharding = batch_sharded(mesh)
-    outputs = []
     starts = range(0, num_examples, batch_size)
-    for batch_index, start in enumerate(starts if desc is None else progress(starts, desc)):
-        stop = min(start + batch_size, num_examples)
-        rows = np.concatenate([np.arange(start, stop), np.zeros(batch_size - (stop - start), np.int64)])
-        batch = {"images": to_global(images[rows], sharding),
-                 "labels": to_global(labels[rows].astype(np.int32), sharding),
-                 "mask": to_global(np.arange(batch_size) < stop - start, sharding)}
-        outputs.append((jitted_fn(args, batch, key, batch_index), stop - start))
-    # Fetch only after every batch is dispatched, so host transfers overlap device work.
-    outputs = [jax.tree.map(lambda x, n=n: np.asarray(x)[:n], out) for out, n in outputs]
-    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+
+    def dispatched():
+        for batch_index, start in enumerate(starts if desc is None else progress(starts, desc)):
+            stop = min(start + batch_size, num_examples)
+            rows = np.concatenate([np.arange(start, stop), np.zeros(batch_size - (stop - start), np.int64)])
+            batch = {"images": to_global(images[rows], sharding),
+                     "labels": to_global(labels[rows].astype(np.int32), sharding),
+                     "mask": to_global(np.arange(batch_size) < stop - start, sharding)}
+            yield jitted_fn(args, batch, key, batch_index), stop - start
+
+    return _collect(dispatched())
+
+
+# Batches dispatched ahead of the fetch of their outputs: enough to overlap host transfers with
+# device work; a whole set queued at once (hundreds of programs with collectives on simulated CPU
+# devices) made XLA's collectives time out.
+MAX_IN_FLIGHT = 8
+
+
+def _collect(dispatched):
+    """(device outputs, real rows) pairs -> the real rows' outputs as NumPy, concatenated; at
+    most MAX_IN_FLIGHT batches run ahead of the fetches."""
+    pending, fetched = collections.deque(), []
+
+    def fetch(outputs, rows):
+        return jax.tree.map(lambda x: np.asarray(x)[:rows], outputs)
+
+    for item in dispatched:
+        pending.append(item)
+        if len(pending) > MAX_IN_FLIGHT:
+            fetched.append(fetch(*pending.popleft()))
+    fetched += [fetch(*item) for item in pending]
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *fetched)
 
 
 def map_stream(jitted_fn, args, stream: Stream, *, mesh, key=None, desc: Optional[str] = None):
@@ -259,12 +281,10 @@ def map_stream(jitted_fn, args, stream: Stream, *, mesh, key=None, desc: Optiona
     key = jax.random.PRNGKey(0) if key is None else key
     _, masks = stream.order(0)
     batches = prefetched(stream.batches(0), mesh)
-    outputs = []
-    for batch_index, batch in enumerate(batches if desc is None else progress(batches, desc,
-                                                                              total=len(masks))):
-        outputs.append((jitted_fn(args, batch, key, batch_index), int(masks[batch_index].sum())))
-    outputs = [jax.tree.map(lambda x, n=n: np.asarray(x)[:n], out) for out, n in outputs]
-    return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
+    if desc is not None:
+        batches = progress(batches, desc, total=len(masks))
+    return _collect((jitted_fn(args, batch, key, i), int(masks[i].sum()))
+                    for i, batch in enumerate(batches))
 
 
 def make_evaluator(eval_fn, mesh):
