@@ -1,0 +1,207 @@
+"""(h) GenDD's stage-2 step on CIFAR-100 (batch 64), whole and in parts, against PyTorch.
+
+    python bench/gendd_step.py --pairs res110_res32 res32x4_res8x4 [--torch]
+
+The step is gendd.py's, built by its `build` from config/distillation/gendd_c100_<pair>.yaml
+(M = 30 rows per token, a 1024-wide, 3-block diffusion head) with a random teacher export of the
+pair's architecture and generated CIFAR-100-shaped data, compiled by utils.trainer's step. Its
+FLOPs are XLA's cost analysis. Its parts, each jitted alone on the same shapes: the teacher's
+forward (eval mode), the student's forward (train mode) and forward + backward, and the
+diffusion head's training loss (ε-MSE + VB over the B·K·M rows) forward + backward.
+
+`--torch`: the same parts in PyTorch on this CPU (torch is a dev dependency): the CIFAR networks
+of tests/models/repdistiller_torch.py (RepDistiller's definitions, written in this project) and
+an MLP of the head's shapes (input, time and condition Linears, three adaLN blocks with
+LayerNorm and SiLU, the final adaLN and output Linears) trained on a mean-square loss. That is
+the reference's arithmetic, not its code; the sum of the parts estimates its step.
+
+All timings: medians after warm-up (utils.cost.measure_latency; PyTorch: the same rule by hand).
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import common
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PAIRS = {"res110_res32": ("resnet110", "resnet32"), "res32x4_res8x4": ("resnet32x4", "resnet8x4")}
+BATCH = 64
+
+
+def jax_parts(pair: str, repeats: int, warmup: int) -> dict:
+    import gendd
+    from data.datasets import Dataset, Split
+    from models import diffusion as gd
+    from models.zoo import build_model
+    from utils.checkpoints import save_resnet
+    from utils.config import parse_config
+    from utils.cost import measure_latency, xla_flops
+    from utils.trainer import (batch_sharded, init_variables, make_mesh, make_train_step,
+                               put_replicated, replicated, to_global)
+
+    teacher_arch, student_arch = PAIRS[pair]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4 * BATCH, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 100, 4 * BATCH).astype(np.int32)
+    split = Split(images, labels)
+    dataset = Dataset("CIFAR100_x32", 100, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, split, split, split)
+    with tempfile.TemporaryDirectory() as root:
+        teacher = build_model(teacher_arch, 100)
+        params, model_state = init_variables(teacher, jax.random.PRNGKey(0), (32, 32, 3))
+        save_resnet(os.path.join(root, "teacher"), teacher, params, model_state, data_name="CIFAR100_x32")
+        config = parse_config(gendd.GenDDConfig, [
+            "--config", os.path.join(common.ROOT, "config", "distillation", f"gendd_c100_{pair}.yaml"),
+            "--teacher_dir", os.path.join(root, "teacher"), "--gendd_stage", "2", "--optim_bs", str(BATCH)])
+        run = gendd.build(config, dataset)
+
+    mesh = make_mesh()
+    step = make_train_step(run.loss_fn, run.optimizer, 0, 0.0, mesh)
+    state = put_replicated(run.state, mesh)
+    args = (put_replicated(run.frozen, mesh), to_global(images, replicated(mesh)),
+            to_global(labels, replicated(mesh)), to_global(np.arange(BATCH, dtype=np.int32), batch_sharded(mesh)),
+            to_global(np.ones(BATCH, bool), batch_sharded(mesh)))
+    compiled = step.lower(state, *args).compile()
+    flops = xla_flops(step, state, *args, compiled=compiled).flops
+
+    def call(*a):  # the donated state threaded through, as in training
+        nonlocal state
+        state, metrics = compiled(state, *a)
+        return metrics
+
+    timing = lambda fn, *a, jit=True: measure_latency(fn, *a, warmup=warmup, repeats=repeats, jit=jit)["median_s"]
+    out = {"step_s": timing(call, *args, jit=False), "step_flops": flops}
+
+    x = jnp.asarray(rng.uniform(size=(BATCH, 32, 32, 3)), jnp.float32)
+    teacher_vars = run.frozen["teacher"]
+    out["teacher_forward_s"] = timing(lambda v, x: teacher.apply(v, x, return_features=True).pooled,
+                                      teacher_vars, x)
+    student = build_model(student_arch, 100)
+    s_params, s_state = init_variables(student, jax.random.PRNGKey(1), (32, 32, 3))
+
+    def student_loss(p, x):
+        out, _ = student.apply({"params": p, **s_state}, x, train=True, return_features=True,
+                               mutable=list(s_state))
+        return jnp.sum(out.pooled ** 2)
+
+    out["student_forward_s"] = timing(student_loss, s_params, x)
+    out["student_forward_backward_s"] = timing(jax.grad(student_loss), s_params, x)
+
+    num_tokens = teacher_vars["params"]["classifier"]["kernel"].shape[0] // config.token_dim
+    head = gendd.DiffusionMLP(token_dim=config.token_dim, num_tokens=num_tokens, width=config.head_width,
+                              depth=config.head_depth, cond_drop_prob=config.cond_drop_prob)
+    head_params = run.state.params["head"]
+    rows = config.diffusion_batch_mul * BATCH * num_tokens
+    student_dim = int(s_params["classifier"]["kernel"].shape[0])
+    x0 = jax.random.normal(jax.random.PRNGKey(3), (rows, config.token_dim))
+    cond = jax.random.normal(jax.random.PRNGKey(4), (rows, student_dim))
+    tokens = jnp.zeros((rows,), jnp.int32)
+    diffusion = gd.make_cosine_diffusion(config.num_diffusion_steps)
+
+    def head_loss(hp, x0, cond):
+        model_fn = lambda xt, t: head.apply({"params": hp}, xt, t, cond, tokens, train=True,
+                                            rngs={"dropout": jax.random.PRNGKey(5)})
+        return gd.training_losses(diffusion, model_fn, jax.random.PRNGKey(6), x0)["loss"].mean()
+
+    out["head_rows"], out["student_dim"] = rows, student_dim
+    out["head_forward_backward_s"] = timing(jax.grad(head_loss, argnums=(0, 2)), head_params, x0, cond)
+    return out
+
+
+def torch_parts(pair: str, rows: int, width: int, token_dim: int, student_dim: int, repeats: int,
+                warmup: int) -> dict:
+    import torch
+
+    from tests.models import repdistiller_torch
+
+    torch.set_num_threads(os.cpu_count())
+    teacher_arch, student_arch = PAIRS[pair]
+
+    def median(fn):
+        times = []
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    x = torch.rand(BATCH, 3, 32, 32)
+    teacher = repdistiller_torch.build(teacher_arch, 100).eval()
+    student = repdistiller_torch.build(student_arch, 100).train()
+
+    def pooled_loss(net):
+        out = net(x)
+        return (out[0] if isinstance(out, tuple) else out).pow(2).sum()
+
+    def student_backward():
+        student.zero_grad()
+        pooled_loss(student).backward()
+
+    out = {"teacher_forward_s": median(lambda: torch.no_grad()(lambda: teacher(x))()),
+           "student_forward_s": median(lambda: torch.no_grad()(lambda: pooled_loss(student))()),
+           "student_forward_backward_s": median(student_backward)}
+
+    linear = torch.nn.Linear
+    layers = torch.nn.ModuleDict({
+        "x": linear(token_dim, width), "t1": linear(256, width), "t2": linear(width, width),
+        "c": linear(student_dim, width), "final_mod": linear(width, 2 * width), "out": linear(width, 2 * token_dim),
+        **{f"mod{b}": linear(width, 3 * width) for b in range(3)},
+        **{f"fc{b}a": linear(width, width) for b in range(3)}, **{f"fc{b}b": linear(width, width) for b in range(3)}})
+    xin, tin, cin = torch.randn(rows, token_dim), torch.randn(rows, 256), torch.randn(rows, student_dim)
+    silu, norm = torch.nn.functional.silu, torch.nn.functional.layer_norm
+
+    def head_step():
+        layers.zero_grad()
+        h = layers["x"](xin)
+        y = layers["t2"](silu(layers["t1"](tin))) + layers["c"](cin)
+        for b in range(3):
+            shift, scale, gate = layers[f"mod{b}"](silu(y)).chunk(3, -1)
+            u = norm(h, (width,)) * (1 + scale) + shift
+            h = h + gate * layers[f"fc{b}b"](silu(layers[f"fc{b}a"](u)))
+        shift, scale = layers["final_mod"](silu(y)).chunk(2, -1)
+        layers["out"](norm(h, (width,)) * (1 + scale) + shift).pow(2).mean().backward()
+
+    out["head_forward_backward_s"] = median(head_step)
+    out["step_estimate_s"] = out["teacher_forward_s"] + out["student_forward_backward_s"] + out[
+        "head_forward_backward_s"]
+    out["torch"] = torch.__version__
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=sorted(PAIRS))
+    parser.add_argument("--torch", action="store_true", help="also the parts in PyTorch")
+    common.add_run_args(parser)
+    args = parser.parse_args(argv)
+
+    results = {}
+    for pair in args.pairs:
+        row = {"jax": jax_parts(pair, args.repeats, args.warmup)}
+        j = row["jax"]
+        j["parts_sum_s"] = j["teacher_forward_s"] + j["student_forward_backward_s"] + j["head_forward_backward_s"]
+        j["images_per_s"] = BATCH / j["step_s"]
+        print(f"{pair} JAX: step {j['step_s']:.3f} s ({j['images_per_s']:.1f} images/s, "
+              f"{j['step_flops'] / 1e9:.0f} GFLOP); teacher {j['teacher_forward_s']:.3f}, student fwd "
+              f"{j['student_forward_s']:.3f} / fwd+bwd {j['student_forward_backward_s']:.3f}, head "
+              f"fwd+bwd {j['head_forward_backward_s']:.3f} ({j['head_rows']} rows)")
+        if args.torch:
+            t = torch_parts(pair, j["head_rows"], 1024, 64, j["student_dim"], args.repeats, args.warmup)
+            row["torch"] = t
+            row["jax_over_torch"] = {k: j[k] / t[k] for k in ("teacher_forward_s", "student_forward_s",
+                                                               "student_forward_backward_s",
+                                                               "head_forward_backward_s")}
+            row["jax_step_over_torch_estimate"] = j["step_s"] / t["step_estimate_s"]
+            print(f"{pair} PyTorch {t['torch']}: teacher {t['teacher_forward_s']:.3f}, student fwd "
+                  f"{t['student_forward_s']:.3f} / fwd+bwd {t['student_forward_backward_s']:.3f}, head "
+                  f"fwd+bwd {t['head_forward_backward_s']:.3f}; step estimate {t['step_estimate_s']:.3f} s "
+                  f"({BATCH / t['step_estimate_s']:.1f} images/s)")
+        results[pair] = row
+    common.save("gendd_step", {"batch": BATCH, "pairs": results}, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
