@@ -62,6 +62,7 @@ from models.resnet import resnet_from_config, resnet_from_spec, resnet_spec
 from models.vector_field import DiffusionMLP
 from utils.checkpoints import find_export, load_export, read_sidecar
 from utils.config import CommonConfig
+from utils.data_loading import check_input_size
 from utils.driver import train_main
 from utils.errors import UserError
 from utils.method import Method, Run, Sweep, register
@@ -652,6 +653,7 @@ def build(config: GenDDConfig, dataset) -> Run:
     teacher, teacher_vars, teacher_sidecar = load_teacher(config.teacher_dir,
                                                           config.eval_data_name or config.data_name,
                                                           dataset.num_classes)
+    check_input_size(teacher, dataset.image_shape, "the teacher")
     classifier = teacher_vars["params"]["classifier"]
     feature_dim = int(np.shape(classifier["kernel"])[0])
     if config.gendd_stage == 2 and feature_dim % config.token_dim:

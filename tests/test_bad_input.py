@@ -154,6 +154,12 @@ CASES = [
      r"checkpoints/2 does not match this run: array .* is float32\[.*\] there"),
     ("--resume a corrupt checkpoint", KD, flags("--resume", under("corrupt_run"), "--optim_ne", "2"),
      r"corrupt_run/checkpoints/2 is corrupt"),
+    ("a 224-only network on 28x28 images", KD, flags("--model_arch", "mobilenetv1"),
+     r"model_arch mobilenetv1 takes 224x224 images, the data are 28x28: set image_size 224"),
+    ("a streamed set on the device", KD, flags("--data_name", "imagenet2012", "--input_pipeline", "device"),
+     r"imagenet2012 streams \(it does not fit on a device\)"),
+    ("a missing streamed set", KD, flags("--data_name", "ImageNet_LT", "--data_root", under("no_data")),
+     r"data set ImageNet_LT \(train split\) not found: looked for .*no_data/ImageNet_LT/ImageNet_LT_train.txt"),
     ("out of memory", KD, flags("--model_width", "100000"),
      r"out of memory \(.*RESOURCE_EXHAUSTED.*\): lower optim_bs \(now 8\)"),
 ]

@@ -148,3 +148,13 @@ def mixing_of(config, num_classes):
     if num_classes is None:
         raise UserError("mixup, cutmix and label smoothing need labels; this set has none")
     return Mixing(num_classes, **options)
+
+
+def check_input_size(model, image_shape, what: str):
+    """One line when a network that takes one input size only (the zoo's MobileNetV1 and BEiT:
+    their `input_size`) meets images of another."""
+    size = getattr(model, "input_size", None)
+    if size is not None and tuple(image_shape[:2]) != (size, size):
+        raise UserError(f"{what} {getattr(model, 'arch', type(model).__name__)} takes {size}x{size} "
+                        f"images, the data are {image_shape[0]}x{image_shape[1]}: set image_size {size} "
+                        f"(a streamed set) or choose another network")

@@ -14,7 +14,7 @@ import numpy as np
 
 from utils.checkpoints import SIDECAR, RunLock, save_export
 from utils.config import parse_config, prepare_run_dir, save_config
-from utils.data_loading import load_data, shot_groups
+from utils.data_loading import check_input_size, load_data, shot_groups
 from utils.errors import UserError, cli_main, first_line
 from utils.evaluation import default_key, format_test_table, test_table
 from utils.method import Method, Run
@@ -66,6 +66,10 @@ def default_test_predictors(method: Method, config):
 def train(method: Method, config, mesh=None) -> str:
     """Train, select and export one run of `method`; returns the run directory."""
     dataset = load_data(config)
+    if getattr(config, "model_arch", None):
+        from models.zoo import build_model
+
+        check_input_size(build_model(config.model_arch, 2), dataset.image_shape, "model_arch")
     run = method.build(config, dataset)
     check_select_metric(run, dataset)
     # After every input check, so bad input leaves nothing; one process per run directory. The
