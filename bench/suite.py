@@ -141,10 +141,14 @@ def accelerator_steps() -> list:
     forward = ["--models", models, "--batch", "64"]
     steps.append(Step("zoo", "zoo.py", forward + ["--repeats", "20", "--warmup", "3"], 25,
                       [_timing_once(["--models", m, "--batch", "64"]) for m in IMAGENET_MODELS]))
+    # MultiSWAG: R = 10 runs of the c10 teacher step in one program (vmap) against one by one.
+    multiswag = ["--preset", "c10", "--runs", "10", "--batch", "128"]
+    steps.append(Step("multiswag-c10-R10", "multiswag.py", multiswag + ["--repeats", "10", "--warmup", "2"],
+                      40, [_timing_once(multiswag)]))
     # The streaming loader on generated JPEGs (in-process and 8 workers) and its share of a
     # ResNet-18 224 step; its first epoch and first step are its own warm-up.
-    steps.append(Step("streaming", "streaming.py", ["--images", "1024", "--batch", "128", "--workers",
-                                                    "0", "8", "--steps", "6"], 60))
+    steps.append(Step("streaming", "streaming.py", ["--images", "768", "--batch", "128", "--workers",
+                                                    "0", "8", "--steps", "4"], 60))
     return steps
 
 
@@ -175,6 +179,9 @@ def smoke_steps() -> list:
                                          "--methods", "sgd_swag", "edfm"], 600, after=("throughput-c10",)),
         Step("data_pipeline-c10", "data_pipeline.py", ["--preset", "c10", *SMOKE_TRAIN, *SMOKE_TIMING], 600,
              after=("throughput-c10",)),
+        Step("multiswag-c10-R10", "multiswag.py", ["--preset", "c10", "--depth", "8", "--width", "1",
+                                                   "--size", "16", "--batch", "8", "--num_images", "16",
+                                                   "--runs", "10", *SMOKE_TIMING], 600),
         Step("streaming", "streaming.py", ["--images", "24", "--batch", "8", "--size", "32", "--steps", "1",
                                            "--workers", "0"], 600),
     ]
@@ -237,6 +244,10 @@ def figures(result: dict) -> dict:
             out[f"loader.{row['workers']}.images_per_s"] = row["images_per_s"]
         for key in ("streamed_step_s", "synthetic_step_s"):  # the share may be 0: not checked
             out[f"step.{key}"] = result["step"][key]
+    elif name == "multiswag":
+        for way in ("together", "sequential"):
+            out[f"{way}.runs_images_per_s"] = result[way]["runs_images_per_s"]
+        out["speedup"] = result["speedup"]
     elif name == "teacher_ensemble":
         for way, row in result["timings"].items():
             out[f"{way}.median_s"] = row["median_s"]
@@ -490,6 +501,14 @@ def tables(out_dir: str, tag: str) -> str:
                 cells.append(f"`{method}` {_fmt(peak, ',.0f')} (XLA {_fmt(estimate, ',.0f')})")
             rows.append(f"| (e) memory, c10, batch {result['config']['batch']}, {dtype}: allocator peak "
                         f"(XLA's estimate), MiB per device | {', '.join(cells)} | reported |")
+    result = _load(out_dir, "multiswag-c10-R10", tag)
+    if result:
+        seen(result)
+        rows.append(f"| (g) MultiSWAG, {result['runs']} runs of the c10 teacher step ({result['model']}, "
+                    f"batch {result['batch']}) | together ({result['vectorize']}) "
+                    f"{_fmt(result['together']['runs_images_per_s'], ',.0f')} runs × images/s, one by one "
+                    f"{_fmt(result['sequential']['runs_images_per_s'], ',.0f')}: **{_fmt(result['speedup'], '.2f')}×** "
+                    f"| R = 10 together ≥ 3× sequential |")
     result = _load(out_dir, "streaming", tag)
     if result:
         seen(result)
@@ -498,7 +517,7 @@ def tables(out_dir: str, tag: str) -> str:
                             f"{_fmt(r['images_per_s'], ',.0f')} images/s "
                             f"({_fmt(r['images_per_s_per_worker'], ',.0f')} per worker)"
                             for r in result["loader"])
-        rows.append(f"| (f) streaming, generated JPEGs -> {result['size']}² RandomResizedCrop, flip, "
+        rows.append(f"| (h) streaming, generated JPEGs -> {result['size']}² RandomResizedCrop, flip, "
                     f"RandAugment | {loaders}; ResNet-18 step, batch {step['batch']}: "
                     f"{_fmt(step['streamed_step_s'], '.2f', 1e3)} ms streamed, "
                     f"{_fmt(step['synthetic_step_s'], '.2f', 1e3)} ms synthetic: loader share "

@@ -162,14 +162,14 @@ def test_suite_plan_covers_every_benchmark_and_fits_its_budget():
     plan = {step.key: step for step in suite.accelerator_steps()}
     assert {f"throughput-{p}{d}" for p in ("c10", "c100") for d in ("", "-bfloat16")} <= set(plan)
     assert {"zoo_train", "zoo_train-bfloat16", "edfm_latency-c10", "data_pipeline-c10", "memory-c10",
-            "memory-c10-bfloat16", "teacher_ensemble", "zoo", "streaming"} <= set(plan)
+            "memory-c10-bfloat16", "teacher_ensemble", "zoo", "streaming", "multiswag-c10-R10"} <= set(plan)
     assert "resnet18,resnet50" in plan["zoo_train"].argv and "--train" in plan["zoo_train"].argv
     assert suite.BUDGET_S < 8 * 60 and all(suite.MIN_STEP_S <= s.budget_s < suite.BUDGET_S for s in plan.values())
     smoke = suite.smoke_steps()
     assert {s.key for s in smoke} <= set(plan)
     assert {s.script for s in smoke} == {s.script for s in plan.values()} == {
         "throughput.py", "zoo.py", "edfm_latency.py", "data_pipeline.py", "memory.py", "teacher_ensemble.py",
-        "streaming.py"}
+        "streaming.py", "multiswag.py"}
     # Every command line of the GPU plan (timed and warm-up) parses with its script's parser.
     class Parsed(Exception):
         pass
