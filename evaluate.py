@@ -94,11 +94,9 @@ class EvaluateConfig(CommonConfig):
     eval_bs: int = 500  # inputs per prediction batch
     num_test_examples: Optional[int] = None  # first N of the test split and each shift/OOD set (on-device)
     eval_shift: bool = True  # also the shift and OOD sets (data/shift.py's, shift_data, ood_data)
-    # streamed catalog sets (tfds:<name>, folder:<path>, ...) as extra shift sets: their test split,
-    # labelled in the data set's classes; e.g. [tfds:cifar10_corrupted/gaussian_noise_5, tfds:cifar10_1]
-    shift_data: List[str] = dataclasses.field(default_factory=list)
-    # streamed catalog sets as extra OOD sets (their test split; labels unused); e.g. [tfds:svhn_cropped]
-    ood_data: List[str] = dataclasses.field(default_factory=list)
+    # e.g. shift_data [tfds:cifar10_corrupted/gaussian_noise_5, tfds:cifar10_1], ood_data [tfds:svhn_cropped]
+    shift_data: List[str] = dataclasses.field(default_factory=list)  # streamed sets' test splits as shift sets (the data set's classes)
+    ood_data: List[str] = dataclasses.field(default_factory=list)  # streamed sets' test splits as OOD sets (labels unused)
     w2: bool = True  # the W2 column (exact assignment per input; the slowest metric)
     sweeps: bool = True  # each student's sweeps (its method's hook; per student `sweeps:`)
     latency_bs: Optional[int] = None  # batch of the latency column; default eval_bs

@@ -63,6 +63,10 @@ class ResNet(nn.Module):
     pixel_std: Sequence[float] = (0.2, 0.2, 0.2)
     noise_std: float = 0.0  # > 0 makes this the FED noise-injected generator
     dtype: jnp.dtype = jnp.float32  # compute dtype; parameters stay float32
+    # The classifier's kernel initialiser: he_normal as the EDFM reference's fc, or lecun_normal
+    # (Flax's default, which every model trained here before 2026-12-02 used). Only initialisation
+    # reads it, so it is not part of the architecture's spec.
+    classifier_init: str = "he_normal"
 
     def _norm(self, train: bool, name: str):
         if self.norm == "frn":
@@ -123,11 +127,15 @@ class ResNet(nn.Module):
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if noisy:
             pooled = inject(pooled, 3)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(pooled)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier",
+                          kernel_init=CLASSIFIER_INITS[self.classifier_init])(pooled)
         logits = logits.astype(jnp.float32)
         if return_features:
             return ResNetOutput(logits, pooled, feature_map)
         return logits
+
+
+CLASSIFIER_INITS = {"he_normal": he_normal, "lecun_normal": nn.initializers.lecun_normal()}
 
 
 def resnet_from_config(config, num_classes: int, pixel_mean, pixel_std, *, noise_std: float = 0.0,
@@ -145,7 +153,8 @@ def resnet_from_config(config, num_classes: int, pixel_mean, pixel_std, *, noise
     return ResNet(num_classes=num_classes, depth=config.model_depth, width=config.model_width,
                   planes=config.model_planes, stem_planes=config.model_stem_planes, norm=norm,
                   activation=activation, conv_bias=not config.model_nobias, pixel_mean=tuple(pixel_mean),
-                  pixel_std=tuple(pixel_std), noise_std=noise_std, dtype=dtype)
+                  pixel_std=tuple(pixel_std), noise_std=noise_std, dtype=dtype,
+                  classifier_init=getattr(config, "model_classifier_init", "he_normal"))
 
 
 SPEC_FIELDS = ("num_classes", "depth", "width", "planes", "stem_planes", "norm", "activation",

@@ -74,6 +74,7 @@ class CommonConfig:
     model_planes: int = 16  # channels of the first stage at width 1
     model_stem_planes: Optional[int] = None  # stem channels; default model_planes (resnet32x4: 32)
     model_nobias: Optional[bool] = False  # convolutions without biases (null, as the reference's YAMLs: false)
+    model_classifier_init: str = "he_normal"  # the classifier's init: he_normal (reference) | lecun_normal (Flax's; runs before 2026-12-02)
     # The reference's other model keys, accepted so its YAMLs parse unchanged (UNUSED below): a
     # value that would change the network is refused
     model_blocks: Optional[str] = None  # the reference's blocks per stage "n,n,n"; only (model_depth-2)/6 each
@@ -133,6 +134,9 @@ class CommonConfig:
                 raise UserError(f"config key {key} must be {rule}, got {getattr(self, key)}")
         if (self.model_depth - 2) % 6:
             raise UserError(f"model_depth must be 6n+2 (8, 14, 20, 32, ...), got {self.model_depth}")
+        if self.model_classifier_init not in ("he_normal", "lecun_normal"):
+            raise UserError(f"model_classifier_init must be he_normal or lecun_normal, got "
+                            f"{self.model_classifier_init!r}")
         if self.dtype not in ("float32", "bfloat16"):
             raise UserError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         self.validate_streaming()

@@ -74,3 +74,20 @@ def test_spec_round_trip_and_style():
     assert parse_style("FRN-Swish") == ("frn", "swish") and parse_style("BN-ReLU") == ("bn", "relu")
     with pytest.raises(ValueError):
         parse_style("LN-GELU")
+
+
+def test_classifier_init_is_the_reference_he_normal_or_flax_lecun_normal():
+    """The EDFM reference's fc is He-normal (truncated normal, variance 2 / fan_in); Flax's
+    default, LeCun-normal, has half that variance. The config key picks either."""
+    from utils.config import CommonConfig
+    from models.resnet import resnet_from_config
+
+    stds = {}
+    for name in ("he_normal", "lecun_normal"):
+        config = CommonConfig(model_depth=8, model_width=16, model_classifier_init=name)
+        model = resnet_from_config(config, 100, (0.5,), (0.25,))
+        kernel = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))["params"]["classifier"]["kernel"]
+        fan_in = kernel.shape[0]  # 16 x 4 x 16 = 1024 channels pooled, 102,400 weights
+        stds[name] = float(np.std(kernel)) * np.sqrt(fan_in)
+    assert stds["he_normal"] == pytest.approx(np.sqrt(2.0), rel=0.02)
+    assert stds["lecun_normal"] == pytest.approx(1.0, rel=0.02)
