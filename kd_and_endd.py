@@ -179,12 +179,15 @@ def build(config: DistillConfig, dataset) -> Run:
 # ---------------------------------------------------------------------------- prediction
 
 
-def load_predictor(model_dir, num_members: int = 8, seed: int = 0, dirichlet_mean: bool = False):
+def load_predictor(model_dir, num_members: int = 8, seed: int = 0, dirichlet_mean: bool = False,
+                   softmax_logits: bool = False):
     """A Predictor for a "resnet" export (KD student, or any plain cross-entropy network):
     M = 1, the softmax logits; or for a "proxy_endd" export: M = `num_members` Dirichlet
     samples p ~ Dir(α) per input as member logits log p (default 8; the key comes from
-    utils.predict), or M = 1, log(α/α₀), with dirichlet_mean=True. `seed` is unused (the
-    sampling key is the one utils.predict.predict passes)."""
+    utils.predict), or M = 1, log(α/α₀), with dirichlet_mean=True, or M = 1, the network's
+    logits z themselves (softmax(z), what the reference reports and selects on) with
+    softmax_logits=True. `seed` is unused (the sampling key is the one utils.predict.predict
+    passes)."""
     del seed
     kind = read_sidecar(model_dir).get("kind")
     if kind == "resnet":
@@ -200,14 +203,21 @@ def load_predictor(model_dir, num_members: int = 8, seed: int = 0, dirichlet_mea
     variables = {"params": arrays["params"], **arrays.get("model_state", {})}
     temperature, s_offset = float(sidecar["dist_temp"]), float(sidecar["s_offset"])
 
+    if dirichlet_mean and softmax_logits:
+        raise UserError("choose one of dirichlet_mean and softmax_logits")
+
     def member_logits(args, images, key):
         logits = model.apply(args, images)
+        if softmax_logits:
+            return logits[:, None, :]
         if dirichlet_mean:
             return losses.dirichlet_mean_log_probs(logits, temperature, s_offset)[:, None, :]
         return proxy_endd_outputs(logits, key, num_members, temperature, s_offset)[1]
 
-    members = 1 if dirichlet_mean else num_members
-    return Predictor(name=f"ProxyEnDD ({members})" if not dirichlet_mean else "ProxyEnDD (mean)",
+    members = 1 if dirichlet_mean or softmax_logits else num_members
+    name = ("ProxyEnDD (mean)" if dirichlet_mean else "ProxyEnDD (softmax z)" if softmax_logits
+            else f"ProxyEnDD ({members})")
+    return Predictor(name=name,
                      kind=kind, member_logits=member_logits, args=variables, num_members=members,
                      num_params=count_params(variables["params"]), sidecar=sidecar)
 

@@ -178,6 +178,16 @@ def test_proxy_endd_two_steps_export_and_predict(tiny_setup, tmp_path):
     assert probs.std(axis=1).max() > 1e-3  # the members are distinct Dirichlet samples
     mean_logits, _ = _check_run(run_dir, "proxy_endd", 1, tiny_setup["images"], dirichlet_mean=True)
     np.testing.assert_allclose(np.exp(mean_logits).sum(-1), 1.0, rtol=1e-4)
+    # the reference's row: softmax(z) of the network's own logits
+    from utils.checkpoints import load_export
+    from models.resnet import resnet_from_spec
+
+    z_logits, _ = _check_run(run_dir, "proxy_endd", 1, tiny_setup["images"], softmax_logits=True)
+    arrays, sidecar = load_export(str(run_dir / "model"), kind="proxy_endd")
+    z = resnet_from_spec(sidecar["model"]).apply({"params": arrays["params"], **arrays.get("model_state", {})},
+                                                 tiny_setup["images"].astype(np.float32) / 255.0)
+    np.testing.assert_allclose(z_logits[:, 0], z, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(jax.nn.softmax(z_logits[:, 0]), np.exp(mean_logits[:, 0]), atol=1e-3)
 
 
 def test_num_classes_must_match(tiny_setup, tmp_path, capsys):
