@@ -14,9 +14,11 @@ RandAugment follows the TF-Models design (N layers, 16 ops plus identity, level
 PIL-style definitions of the ops. Deliberate differences from TF-Models:
 
 * float -> uint8 conversions round to nearest (TF truncates with ``tf.cast``);
-* Contrast blends towards the true mean gray level of the image (PIL). The
-  TF-Models code computes its "mean" as ``sum(histogram) / 256``, i.e. the
-  pixel count / 256, which is not the mean gray level;
+* Contrast: the TF-Models code computes its "mean" gray as ``sum(histogram) /
+  256``, i.e. the pixel count / 256 (clipped to 255), which is not the mean gray
+  level; on the reference's batches it is the batch's pixel count. That level is
+  the default (``contrast="tf_models"``); ``contrast="mean"`` blends towards the
+  image's true mean gray (PIL);
 * Cutout fills with gray 128 and draws its own centre per image.
 
 Geometric ops (rotate, shear, translate) use nearest-neighbour sampling with
@@ -278,13 +280,22 @@ def color(image: jax.Array, factor) -> jax.Array:
     return blend(degenerate, image, factor)
 
 
-def contrast(image: jax.Array, factor) -> jax.Array:
-    """Contrast enhance: blend from a flat image at the (rounded) mean gray."""
+def contrast(image: jax.Array, factor, gray=None) -> jax.Array:
+    """Contrast enhance: blend from a flat image at the (rounded) mean gray (PIL), or at the
+    given `gray` level (the TF-Models op's, `tf_models_contrast_gray`)."""
     image = jnp.asarray(image)
     _check_image(image)
-    mean = jnp.round(jnp.mean(_grayscale(_to_float(image))))
-    degenerate = jnp.full(image.shape, mean, jnp.float32)
+    if gray is None:
+        gray = jnp.round(jnp.mean(_grayscale(_to_float(image))))
+    degenerate = jnp.full(image.shape, gray, jnp.float32)
     return blend(degenerate, image, factor)
+
+
+def tf_models_contrast_gray(num_pixels: int) -> int:
+    """The gray level TF-Models' Contrast blends towards: it means to take the mean gray but
+    sums the 256-bin histogram (the pixel count) and divides by 256, then clips to [0, 255] and
+    truncates. The reference applies it to a whole batch, so `num_pixels` = B x H x W."""
+    return int(min(255, num_pixels // 256))
 
 
 def brightness(image: jax.Array, factor) -> jax.Array:
@@ -446,7 +457,7 @@ _PIXEL = {
     "Posterize": lambda img, lvl, rnd: posterize(img, posterize_level_to_arg(lvl)),
     "Solarize": lambda img, lvl, rnd: solarize(img, solarize_level_to_arg(lvl)),
     "Color": lambda img, lvl, rnd: color(img, enhance_level_to_arg(lvl)),
-    "Contrast": lambda img, lvl, rnd: contrast(img, enhance_level_to_arg(lvl)),
+    "Contrast": lambda img, lvl, rnd, gray=None: contrast(img, enhance_level_to_arg(lvl), gray),
     "Brightness": lambda img, lvl, rnd: brightness(img, enhance_level_to_arg(lvl)),
     "Sharpness": lambda img, lvl, rnd: sharpness(img, enhance_level_to_arg(lvl)),
     "Cutout": _cutout_branch,
@@ -459,8 +470,10 @@ assert not set(_GEOMETRIC) & set(_PIXEL)
 _GEOMETRIC_MASK = tuple(name in _GEOMETRIC for name in RAND_AUGMENT_OPS)
 
 
-def _pixel_branch(name):
+def _pixel_branch(name, contrast_gray=None):
     fn = _PIXEL.get(name, _PIXEL["Identity"])
+    if name == "Contrast":
+        return lambda img, lvl, rnd: fn(img, lvl, rnd, contrast_gray).astype(jnp.uint8)
     return lambda img, lvl, rnd: fn(img, lvl, rnd).astype(jnp.uint8)
 
 
@@ -471,11 +484,11 @@ def _params_branch(name, image_shape):
     return lambda lvl, rnd: params_fn(image_shape, arg_fn(lvl, rnd))
 
 
-def _apply_op(index, image, level, rnd):
+def _apply_op(index, image, level, rnd, contrast_gray=None):
     index = jnp.asarray(index, jnp.int32)
     level = jnp.asarray(level, jnp.float32)
     pixel_out = jax.lax.switch(
-        index, [_pixel_branch(n) for n in RAND_AUGMENT_OPS], image, level, rnd
+        index, [_pixel_branch(n, contrast_gray) for n in RAND_AUGMENT_OPS], image, level, rnd
     )
     matrix, offset = jax.lax.switch(
         index, [_params_branch(n, image.shape) for n in RAND_AUGMENT_OPS], level, rnd
@@ -524,8 +537,9 @@ def rand_augment(
     return _rand_augment_from_draws(draws, image, magnitude, prob_to_apply)
 
 
-def _rand_augment_from_draws(draws, image, magnitude, prob_to_apply):
-    """RandAugment driven by ``draws``: float32 [num_layers, 6] of U[0, 1)."""
+def _rand_augment_from_draws(draws, image, magnitude, prob_to_apply, contrast_gray=None):
+    """RandAugment driven by ``draws``: float32 [num_layers, 6] of U[0, 1); ``contrast_gray``:
+    Contrast's fixed gray level (None: the image's mean gray)."""
     magnitude = jnp.asarray(magnitude, jnp.float32)
     prob_to_apply = jnp.asarray(prob_to_apply, jnp.float32)
     n_ops = len(RAND_AUGMENT_OPS)
@@ -536,7 +550,7 @@ def _rand_augment_from_draws(draws, image, magnitude, prob_to_apply):
         # Inverse-CDF normal; u[1] == 0 gives -inf, which the clip maps to 0.
         noise = jax.scipy.special.ndtri(u[1])
         level = jnp.clip(magnitude + noise, 0.0, MAX_LEVEL)
-        augmented = _apply_op(op_index, img, level, u[3:6])
+        augmented = _apply_op(op_index, img, level, u[3:6], contrast_gray)
         keep = u[2] < prob_to_apply
         return jnp.where(keep, augmented, img), None
 
@@ -596,13 +610,16 @@ def augment_batch(
     randaugment: bool,
     crop_padding: int,
     flip: bool,
+    contrast: str = "tf_models",
 ) -> jax.Array:
     """Augment a uint8 batch ``[B, H, W, C]`` per image; returns float32 in [0, 1].
 
     Order per image (own key each): RandAugment (N=2, M=9, p=0.5) on uint8 if
     ``randaugment``, zero-pad random crop (offsets uniform in
     {0..2*crop_padding}; crop_padding=0 disables it), random horizontal flip
-    (p=0.5) if ``flip``, then /255.
+    (p=0.5) if ``flip``, then /255. ``contrast``: RandAugment's Contrast blends towards
+    the reference's gray level (``tf_models``: tf_models_contrast_gray of the batch's pixel
+    count) or the image's mean gray (``mean``, as PIL).
     """
     images_u8 = jnp.asarray(images_u8)
     if images_u8.ndim != 4:
@@ -613,6 +630,9 @@ def augment_batch(
     crop_padding = _check_padding(crop_padding)
     n_crop = 2 * crop_padding + 1
     n_ra = RA_NUM_LAYERS * 6
+    if contrast not in ("tf_models", "mean"):
+        raise ValueError(f"contrast must be tf_models or mean, got {contrast!r}")
+    gray = tf_models_contrast_gray(math.prod(images_u8.shape[:3])) if contrast == "tf_models" else None
 
     def one(k, img):
         # One PRNG call per image (the same per-image ops as rand_augment,
@@ -621,7 +641,7 @@ def augment_batch(
         u = jax.random.uniform(k, (n_ra + 3,), jnp.float32)
         if randaugment:
             draws = u[:n_ra].reshape(RA_NUM_LAYERS, 6)
-            img = _rand_augment_from_draws(draws, img, RA_MAGNITUDE, RA_PROB_TO_APPLY)
+            img = _rand_augment_from_draws(draws, img, RA_MAGNITUDE, RA_PROB_TO_APPLY, gray)
         oy = _uniform_int(u[n_ra], n_crop)
         ox = _uniform_int(u[n_ra + 1], n_crop)
         img = _crop_at(img, crop_padding, oy, ox)
@@ -681,14 +701,15 @@ def mixup(
 
 
 def configured_pipeline(key, batch, config):
-    """`student_pipeline` with a method config's mixup_alpha, randaugment, crop_padding, flip."""
+    """`student_pipeline` with a method config's mixup_alpha, randaugment, crop_padding, flip
+    and randaugment_contrast."""
     return student_pipeline(key, batch, mixup_alpha=config.mixup_alpha,
                             randaugment=config.randaugment, crop_padding=config.crop_padding,
-                            flip=config.flip)
+                            flip=config.flip, contrast=config.randaugment_contrast)
 
 
 def student_pipeline(key, batch, *, mixup_alpha: float, randaugment: bool = True,
-                     crop_padding: int = 4, flip: bool = True):
+                     crop_padding: int = 4, flip: bool = True, contrast: str = "tf_models"):
     """The distillation students' input pipeline (spec §1), per image with its own key:
     RandAugment(2, 9) → zero-pad crop → horizontal flip → /255 → mixup over the batch.
 
@@ -698,5 +719,6 @@ def student_pipeline(key, batch, *, mixup_alpha: float, randaugment: bool = True
     """
     augment_key, mixup_key = jax.random.split(key)
     images = training_images(batch, lambda images_u8: augment_batch(
-        augment_key, images_u8, randaugment=randaugment, crop_padding=crop_padding, flip=flip))
+        augment_key, images_u8, randaugment=randaugment, crop_padding=crop_padding, flip=flip,
+        contrast=contrast))
     return mixup(mixup_key, images, batch["labels"], batch["mask"], mixup_alpha)

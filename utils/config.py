@@ -214,11 +214,14 @@ class StudentConfig(CommonConfig):
     num_classes: Optional[int] = None  # taken from the data set; if given, it must match
     mixup_alpha: float = 0.4  # mixup Beta(α, α); 0: none
     randaugment: bool = True  # RandAugment(2, 9) before crop/flip/mixup (spec §1)
+    randaugment_contrast: str = "tf_models"  # its Contrast blends to: tf_models (the reference's level, batch pixels/256) | mean (the image's mean gray)
     crop_padding: int = 4  # zero-pad random crop: shifts of up to this many pixels; 0: none
     flip: bool = True  # random horizontal flip
 
     def validate(self):
         super().validate()
+        if self.randaugment_contrast not in ("tf_models", "mean"):
+            raise UserError(f"randaugment_contrast must be tf_models or mean, got {self.randaugment_contrast!r}")
         for key in ("mixup_alpha", "crop_padding"):
             if getattr(self, key) < 0:
                 raise UserError(f"config key {key} must be >= 0, got {getattr(self, key)}")

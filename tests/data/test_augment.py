@@ -464,3 +464,24 @@ def test_mixup_skips_with_padding_and_nonpositive_alpha():
     for alpha in (0.0, -1.0):
         x, y = A.mixup(key, images, labels, np.ones(16, bool), alpha)
         assert x is images and y is labels
+
+
+def test_contrast_blends_towards_the_tf_models_level_or_the_mean_gray():
+    from data.augment import augment_batch, contrast, tf_models_contrast_gray
+
+    # TF-Models' "mean": pixel count / 256, clipped to 255, truncated
+    assert tf_models_contrast_gray(28 * 28) == 3 and tf_models_contrast_gray(256 * 28 * 28) == 255
+    assert tf_models_contrast_gray(4 * 32 * 32) == 16
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 1), dtype=np.uint8)
+    expected = np.clip(np.round(16 + 0.5 * (image.astype(np.float32) - 16)), 0, 255)
+    np.testing.assert_array_equal(np.asarray(contrast(image, 0.5, gray=16)), expected)
+    mean = np.round(image.mean())
+    np.testing.assert_array_equal(np.asarray(contrast(image, 0.5)),
+                                  np.clip(np.round(mean + 0.5 * (image - mean)), 0, 255))
+    # In the batch pipeline the option changes the images RandAugment's Contrast touched only.
+    batch = jnp.asarray(np.random.default_rng(1).integers(0, 256, (64, 16, 16, 1), dtype=np.uint8))
+    key = jax.random.PRNGKey(3)
+    reference, pil = (np.asarray(augment_batch(key, batch, randaugment=True, crop_padding=0, flip=False,
+                                               contrast=c)) for c in ("tf_models", "mean"))
+    differs = np.any(reference != pil, axis=(1, 2, 3))
+    assert 0 < differs.sum() < 64
