@@ -98,6 +98,7 @@ class EvaluateConfig(CommonConfig):
     shift_data: List[str] = dataclasses.field(default_factory=list)  # streamed sets' test splits as shift sets (the data set's classes)
     ood_data: List[str] = dataclasses.field(default_factory=list)  # streamed sets' test splits as OOD sets (labels unused)
     w2: bool = True  # the W2 column (exact assignment per input; the slowest metric)
+    metric_eps: float = 0.0  # added to p_y inside the logs of NLL and AMB; the EDFM reference's evaluation: 1e-5
     sweeps: bool = True  # each student's sweeps (its method's hook; per student `sweeps:`)
     latency_bs: Optional[int] = None  # batch of the latency column; default eval_bs
     latency_repeats: int = 10  # timed calls; the median is reported
@@ -105,6 +106,8 @@ class EvaluateConfig(CommonConfig):
 
     def validate(self):
         super().validate()
+        if not 0.0 <= self.metric_eps < 1.0:
+            raise UserError(f"metric_eps must be in [0, 1), got {self.metric_eps}")
         for key in ("teacher_samples_per_run", "eval_bs", "latency_repeats"):
             if getattr(self, key) < 1:
                 raise UserError(f"config key {key} must be >= 1, got {getattr(self, key)}")
@@ -367,7 +370,8 @@ def run_sweeps(spec: dict, method, test, teacher_logits, config: EvaluateConfig,
         points = []
         for x, options in sweep.points:
             runner = Runner(_load_student(spec, **options), mesh, config.eval_bs)
-            summary = ensemble_summary(runner(inputs, key), labels, teacher_logits)
+            summary = ensemble_summary(runner(inputs, key), labels, teacher_logits,
+                                       eps=config.metric_eps)
             points.append({"x": x, "options": options, **{k: summary[k] for k in SWEEP_KEYS},
                            "num_members": runner.predictor.num_members,
                            "eval_seconds": runner.seconds})
@@ -692,7 +696,7 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
         logits = teacher_test if is_teacher else runner(test_inputs, key, desc=f"{name} test")
         check_classes(logits, dataset.num_classes, name)
         summary = ensemble_summary(logits, labels, None if is_teacher else teacher_test,
-                                   w2=config.w2)
+                                   w2=config.w2, eps=config.metric_eps)
         probs = metrics.ensemble_probs(logits)
         if dataset.num_classes > 5:
             summary["top5"] = metrics.top_k_accuracy(probs, labels, 5)
@@ -717,7 +721,7 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
             is_teacher = name == teacher.name
             logits = t_logits if is_teacher else runner(inputs, key)
             results[name]["shift"][set_name] = ensemble_summary(
-                logits, shift_labels, None if is_teacher else t_logits)
+                logits, shift_labels, None if is_teacher else t_logits, eps=config.metric_eps)
         log(f"shift {set_name}: " + "  ".join(f"{n} {r['shift'][set_name]['acc']:.4f}"
                                                for n, r in results.items()))
     for r in results.values():

@@ -26,13 +26,15 @@ def check_classes(logits: np.ndarray, num_classes: int, name: str):
                         f"but the data set has {num_classes} classes")
 
 
-def ensemble_summary(logits, labels, reference_logits=None, *, w2: bool = False) -> dict:
-    """metrics.summarize of member logits [N, M, K]; against a reference ensemble (the teacher)
-    also KL(reference ‖ this) and top-1 agreement, and with `w2` the W2 between member sets."""
+def ensemble_summary(logits, labels, reference_logits=None, *, w2: bool = False,
+                     eps: float = 0.0) -> dict:
+    """metrics.summarize of member logits [N, M, K] (`eps` inside the logs of the NLLs);
+    against a reference ensemble (the teacher) also KL(reference ‖ this) and top-1 agreement,
+    and with `w2` the W2 between member sets."""
     if reference_logits is not None and w2:
-        out = metrics.summarize(logits, labels, reference_logits)
+        out = metrics.summarize(logits, labels, reference_logits, eps=eps)
     else:
-        out = metrics.summarize(logits, labels)
+        out = metrics.summarize(logits, labels, eps=eps)
         if reference_logits is not None:
             reference, probs = metrics.ensemble_probs(reference_logits), metrics.ensemble_probs(logits)
             out["kl_to_teacher"] = metrics.kl_to_teacher(reference, probs)

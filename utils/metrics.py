@@ -207,8 +207,12 @@ def agreement(teacher_probs, student_probs) -> float:
 
 
 # ----------------------------------------------------------------------------- diversity
-def _ambiguity_per_input(z: np.ndarray, y: np.ndarray):
+def _ambiguity_per_input(z: np.ndarray, y: np.ndarray, eps: float = 0.0):
     rows = np.arange(z.shape[0])
+    if eps:  # the reference's -log(p_y + eps) (its offline evaluation: eps 1e-5)
+        avg = -np.log(softmax(z)[rows, :, y] + eps).mean(axis=1)
+        ens = -np.log(softmax(z.mean(axis=1))[rows, y] + eps)
+        return avg, ens
     member_logp = _log_softmax(z)  # [N, M, K]
     avg = -member_logp[rows, :, y].mean(axis=1)  # [N]
     ens = -_log_softmax(z.mean(axis=1))[rows, y]  # [N]
@@ -552,7 +556,7 @@ def wasserstein2(teacher_member_logits, student_member_logits, center: bool = Tr
 
 # ----------------------------------------------------------------------------- summary
 def summarize(member_logits, labels, teacher_member_logits=None, *,
-              chunk_elements: int = 1 << 24) -> dict:
+              chunk_elements: int = 1 << 24, eps: float = 0.0) -> dict:
     """All scalar metrics of an ensemble, as a flat dict of Python floats.
 
     Keys (all over the N inputs; "ensemble" = probability average of member softmaxes):
@@ -566,7 +570,8 @@ def summarize(member_logits, labels, teacher_member_logits=None, *,
     - with ``teacher_member_logits`` [N, M_t, K]: ``kl_to_teacher`` (KL of teacher ensemble
       to student ensemble), ``agreement`` (top-1, ensembles), ``w2`` (`wasserstein2`, centered).
     Inputs are processed in chunks of about ``chunk_elements`` values of [n, M, K] to bound
-    host memory; results do not depend on the chunking.
+    host memory; results do not depend on the chunking. ``eps`` is added to p_y inside the logs
+    of ``nll``, ``avg_nll`` and ``ens_nll`` (0: exact; the EDFM reference's offline evaluation: 1e-5).
     """
     z_all = np.asarray(member_logits)
     if z_all.ndim != 3:
@@ -593,11 +598,11 @@ def summarize(member_logits, labels, teacher_member_logits=None, *,
         p = p_m.mean(axis=1)
         ens_chunks.append(p)
         parts["correct"].append(p.argmax(axis=-1) == y)
-        parts["nll"].append(_nll_per_input(p, y, 0.0))
+        parts["nll"].append(_nll_per_input(p, y, eps))
         onehot = np.zeros_like(p)
         onehot[rows, y] = 1.0
         parts["brier"].append(((p - onehot) ** 2).sum(axis=-1))
-        avg, ens = _ambiguity_per_input(z, y)
+        avg, ens = _ambiguity_per_input(z, y, eps)
         parts["avg_nll"].append(avg)
         parts["ens_nll"].append(ens)
         au, v, eu = _brier_var_per_input(p_m)

@@ -481,3 +481,18 @@ def test_shot_accuracies_average_per_class_accuracy_within_each_group():
     edge = metrics.shot_accuracies(probs, labels, np.array([100, 150, 20, 5]), many=100, few=20)
     assert edge["many_acc"] == 0.5 and edge["medium_acc"] == pytest.approx((0.75 + 1 / 3) / 2)
     assert metrics.shot_accuracies(probs[:4], labels[:4], counts)["few_acc"] is None
+
+
+def test_summarize_eps_is_the_references_log_of_p_plus_eps():
+    """eps 0: exact log-softmax NLLs; eps > 0: -log(p_y + eps) in nll, avg_nll and ens_nll, as
+    the EDFM reference's offline evaluation (1e-5) computes them."""
+    z, y = _member_logits(0) * 8, _labels(1)  # sharp members: some p_y near 0, where eps matters
+    exact, with_eps = metrics.summarize(z, y), metrics.summarize(z, y, eps=1e-5)
+    p_m = sp_softmax(z, axis=-1)
+    rows = np.arange(len(y))
+    avg = -np.log(p_m[rows, :, y] + 1e-5).mean()
+    ens = -np.log(sp_softmax(z.mean(axis=1), axis=-1)[rows, y] + 1e-5).mean()
+    assert with_eps["avg_nll"] == pytest.approx(avg, rel=1e-9)
+    assert with_eps["amb"] == pytest.approx(avg - ens, rel=1e-9)
+    assert with_eps["nll"] == pytest.approx(-np.log(p_m.mean(axis=1)[rows, y] + 1e-5).mean(), rel=1e-9)
+    assert with_eps["avg_nll"] < exact["avg_nll"]  # eps bounds each member's loss
