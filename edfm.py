@@ -47,7 +47,8 @@ from utils.teachers import configured_teacher, sample_teacher_logits
 from utils.trainer import TrainState, prediction_metrics, steps_per_epoch
 
 EDFM_KIND = "edfm"
-HEAD_FIELDS = ("hidden_size", "time_embed_dim", "num_blocks", "noise_var", "droprate", "time_scale")
+HEAD_FIELDS = ("hidden_size", "time_embed_dim", "num_blocks", "noise_var", "droprate", "time_scale",
+               "s_noise")
 
 
 @dataclasses.dataclass
@@ -60,6 +61,7 @@ class EdfmConfig(StudentConfig):
     num_blocks: int = 4  # AdaLN-MLP blocks
     droprate: float = 0.0  # dropout in each block
     time_scale: float = 1000.0  # time feature ln(time_scale·(1−t))/4
+    s_noise: Optional[float] = None  # the head's preconditioning noise scale σ_n; null: noise_var ([Q11] fixed); 4.0: the reference's hard-coded value
     # Optimisation (head only): optim sgd (coupled L2, heavy-ball momentum) | adam (AdamW)
     optim_lr: float = 1e-4
     warmup_steps: int = 0  # linear warm-up from warmup_factor·lr, in optimizer steps
@@ -90,7 +92,7 @@ class EdfmConfig(StudentConfig):
                 raise UserError(f"config key {key} must be >= 1, got {getattr(self, key)}")
         if self.time_embed_dim % 2:
             raise UserError(f"time_embed_dim must be even, got {self.time_embed_dim}")
-        checks = {"noise_var": self.noise_var > 0, "train_time_exp_base": self.train_time_exp_base > 0,
+        checks = {"noise_var": self.noise_var > 0, "s_noise": self.s_noise is None or self.s_noise > 0, "train_time_exp_base": self.train_time_exp_base > 0,
                   "sample_time_exp_base": self.sample_time_exp_base > 0, "mse_power": self.mse_power > 0,
                   "time_scale": self.time_scale > 0,
                   "train_time_trunc": 0 <= self.train_time_trunc < 1, "droprate": 0 <= self.droprate < 1,
@@ -102,10 +104,13 @@ class EdfmConfig(StudentConfig):
 
 # ------------------------------------------------------------------------------------ pieces
 def make_head(num_classes: int, hidden_size: int = 256, time_embed_dim: int = 32, num_blocks: int = 4,
-              noise_var: float = 4.0, droprate: float = 0.0, time_scale: float = 1000.0) -> AdaLNMLP:
-    """The vector field; its s_noise follows `noise_var` (the reference hard-coded 4, [Q11])."""
+              noise_var: float = 4.0, droprate: float = 0.0, time_scale: float = 1000.0,
+              s_noise: Optional[float] = None) -> AdaLNMLP:
+    """The vector field; its preconditioning s_noise follows `noise_var` unless given (the
+    reference hard-coded 4, [Q11]; exports from before the key have no s_noise: noise_var)."""
     return AdaLNMLP(num_classes=num_classes, hidden_size=hidden_size, time_embed_dim=time_embed_dim,
-                    num_blocks=num_blocks, s_noise=noise_var, time_scale=time_scale, droprate=droprate)
+                    num_blocks=num_blocks, s_noise=noise_var if s_noise is None else s_noise,
+                    time_scale=time_scale, droprate=droprate)
 
 
 def backbone_features(backbone, variables, images):

@@ -103,6 +103,17 @@ def test_loss_trains_the_head_only():
         assert float(jnp.abs(leaf).max()) == 0.0
 
 
+def test_head_s_noise_follows_noise_var_unless_set_as_the_reference():
+    """[Q11]: the reference's head preconditions with s_noise 4 whatever noise_var; here it
+    follows noise_var unless `s_noise` is set; an export without the key reads as noise_var."""
+    assert edfm.make_head(10, noise_var=2.0).s_noise == 2.0
+    assert edfm.make_head(10, noise_var=2.0, s_noise=4.0).s_noise == 4.0
+    config = parse_config(edfm.EdfmConfig, ["--noise_var", "2", "--s_noise", "4"])
+    assert edfm.make_head(10, **{k: getattr(config, k) for k in edfm.HEAD_FIELDS}).s_noise == 4.0
+    with pytest.raises(UserError, match="s_noise"):
+        parse_config(edfm.EdfmConfig, ["--s_noise", "0"])
+
+
 def test_config_checks():
     with pytest.raises(UserError, match="optim must be sgd or adam"):  # optim_base: its alias
         parse_config(edfm.EdfmConfig, ["--optim_base", "rmsprop"])
