@@ -48,7 +48,7 @@ from utils.trainer import TrainState, prediction_metrics, steps_per_epoch
 
 EDFM_KIND = "edfm"
 HEAD_FIELDS = ("hidden_size", "time_embed_dim", "num_blocks", "noise_var", "droprate", "time_scale",
-               "s_noise")
+               "s_noise", "dropout_on_stream")
 
 
 @dataclasses.dataclass
@@ -60,6 +60,7 @@ class EdfmConfig(StudentConfig):
     time_embed_dim: int = 32  # sinusoidal time embedding size
     num_blocks: int = 4  # AdaLN-MLP blocks
     droprate: float = 0.0  # dropout in each block
+    dropout_on_stream: bool = True  # dropout on each block's output (the reference's place); false: on its residual branch
     time_scale: float = 1000.0  # time feature ln(time_scale·(1−t))/4
     s_noise: Optional[float] = None  # the head's preconditioning noise scale σ_n; null: noise_var ([Q11] fixed); 4.0: the reference's hard-coded value
     # Optimisation (head only): optim sgd (coupled L2, heavy-ball momentum) | adam (AdamW)
@@ -105,12 +106,12 @@ class EdfmConfig(StudentConfig):
 # ------------------------------------------------------------------------------------ pieces
 def make_head(num_classes: int, hidden_size: int = 256, time_embed_dim: int = 32, num_blocks: int = 4,
               noise_var: float = 4.0, droprate: float = 0.0, time_scale: float = 1000.0,
-              s_noise: Optional[float] = None) -> AdaLNMLP:
+              s_noise: Optional[float] = None, dropout_on_stream: bool = True) -> AdaLNMLP:
     """The vector field; its preconditioning s_noise follows `noise_var` unless given (the
     reference hard-coded 4, [Q11]; exports from before the key have no s_noise: noise_var)."""
     return AdaLNMLP(num_classes=num_classes, hidden_size=hidden_size, time_embed_dim=time_embed_dim,
                     num_blocks=num_blocks, s_noise=noise_var if s_noise is None else s_noise,
-                    time_scale=time_scale, droprate=droprate)
+                    time_scale=time_scale, droprate=droprate, dropout_on_stream=dropout_on_stream)
 
 
 def backbone_features(backbone, variables, images):

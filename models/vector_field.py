@@ -135,7 +135,7 @@ class AdaLNBlock(nn.Module):
     u = modulate(LayerNorm(h), shift, scale)
     u = act(Dense_features(u))                                  if mlp_hidden is None (EDFM)
     u = Dense_features(act(Dense_mlp_hidden(u)))                otherwise (MAR/GenDD ResBlock)
-    u = Dropout(u)
+    u = Dropout(u)                            (dropout_on_output: out = Dropout(out) instead)
     out = h + gate * u if residual else u
 
     The modulation acts on the block input, so its width is dim(h), which may differ from
@@ -151,6 +151,7 @@ class AdaLNBlock(nn.Module):
     norm_eps: float = 1e-6
     modulation_activation_first: bool = False
     droprate: float = 0.0
+    dropout_on_output: bool = False  # dropout on the block's output (the EDFM reference's place)
     kernel_init: Initializer = default_kernel_init
     bias_init: Initializer = default_bias_init
 
@@ -174,8 +175,11 @@ class AdaLNBlock(nn.Module):
         else:
             u = self.activation(dense(self.mlp_hidden, "dense_in")(u))
             u = dense(self.features, "dense_out")(u)
-        u = nn.Dropout(rate=self.droprate)(u, deterministic=deterministic)
-        return h + gate * u if self.residual else u
+        dropout = nn.Dropout(rate=self.droprate)
+        if not self.dropout_on_output:
+            u = dropout(u, deterministic=deterministic)
+        out = h + gate * u if self.residual else u
+        return dropout(out, deterministic=deterministic) if self.dropout_on_output else out
 
 
 class AdaLNMLP(nn.Module):
@@ -190,6 +194,8 @@ class AdaLNMLP(nn.Module):
       s_data: data std assumed by the preconditioning.
       time_scale: the 1000 in tau = ln(time_scale * (1 - t) + 1e-12) / 4.
       droprate: dropout rate inside the blocks (needs a 'dropout' rng when training).
+      dropout_on_stream: dropout on each block's output, after the residual add, as the
+        reference (models/mlp.py); False: on the residual branch only, before the gate.
 
     Call: (x_t [B, K], condition [B, C], t [B] or scalar in [0, 1], train=False) -> [B, K].
     The condition is the already pooled backbone feature GAP(Z).
@@ -206,6 +212,7 @@ class AdaLNMLP(nn.Module):
     s_data: float = 1.0
     time_scale: float = 1000.0
     droprate: float = 0.0
+    dropout_on_stream: bool = True
 
     def preconditioning(self, t: Array) -> Tuple[Array, Array, Array]:
         return edm_preconditioning(t, self.s_data, self.s_noise)
@@ -225,6 +232,7 @@ class AdaLNMLP(nn.Module):
         h = jnp.concatenate([c_in * x_t, condition.astype(x_t.dtype)], axis=-1)
         for i in range(self.num_blocks):
             h = AdaLNBlock(self.hidden_size, residual=i > 0, droprate=self.droprate,
+                           dropout_on_output=self.dropout_on_stream,
                            name=f"block_{i}")(h, emb, deterministic=not train)
         f = nn.Dense(self.num_classes, kernel_init=default_kernel_init,
                      bias_init=default_bias_init, name="out")(h)

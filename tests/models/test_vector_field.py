@@ -228,3 +228,23 @@ def test_block_configurable_for_a_diffusion_head():
     np.testing.assert_array_equal(block.apply(params, h, y), h)
     with pytest.raises(ValueError):
         AdaLNBlock(w + 1).init(jax.random.key(0), h, y)
+
+
+def test_dropout_acts_on_the_block_output_or_on_its_residual_branch():
+    """The reference drops units of each block's output (after the residual add); the other
+    placement drops only the residual branch, so with the modulation at zero (gate 0) the
+    residual blocks pass h through untouched and only block 0's output can be dropped."""
+    from models.vector_field import AdaLNBlock
+
+    block = AdaLNBlock(8, residual=True, droprate=0.5)  # zero-init modulation: gate = 0
+    h, c = jax.random.normal(jax.random.key(0), (4, 8)), jnp.ones((4, 3))
+    params = block.init(jax.random.key(1), h, c)
+    rngs = {"dropout": jax.random.key(2)}
+    branch = block.apply(params, h, c, deterministic=False, rngs=rngs)
+    np.testing.assert_allclose(branch, h)  # the branch is gated to 0: dropping it changes nothing
+    stream = AdaLNBlock(8, residual=True, droprate=0.5, dropout_on_output=True).apply(
+        params, h, c, deterministic=False, rngs=rngs)
+    kept = np.asarray(stream) != 0
+    assert 0 < kept.mean() < 1  # about half of h's units dropped, the rest scaled by 2
+    np.testing.assert_allclose(np.asarray(stream)[kept], 2 * np.asarray(h)[kept], rtol=1e-6)
+    assert AdaLNMLP(num_classes=K).dropout_on_stream  # the EDFM head's default: the reference's
