@@ -71,6 +71,7 @@ class EdfmConfig(StudentConfig):
     mse_power: float = 2.0  # p of the loss Σ_k |v − u|^p
     # Flow matching
     noise_var: float = 4.0  # the base noise's standard deviation (the reference's name)
+    flow_target: str = "difference"  # the target velocity: difference (x1 − x_t)/(1 − t), the reference's | closed_form x1 − σξ
     train_time_trunc: float = 1e-3  # ε: training times t lie in [0, 1−ε)
     train_time_exp_base: float = 3.0  # b: training times have density ∝ b^t
     sample_time_exp_base: float = 0.5  # a: sampling grid t_i = (1 − a^i)/(1 − a^S)
@@ -85,6 +86,8 @@ class EdfmConfig(StudentConfig):
 
     def validate(self):
         super().validate()
+        if self.flow_target not in ("difference", "closed_form"):
+            raise UserError(f"flow_target must be difference or closed_form, got {self.flow_target!r}")
         if self.sample_solver not in METHODS:
             raise UserError(f"sample_solver must be one of {', '.join(METHODS)}, got {self.sample_solver!r}")
         for key in ("hidden_size", "time_embed_dim", "num_blocks", "sample_num_steps",
@@ -162,7 +165,8 @@ def make_loss_fn(head, backbone, teacher_model, config: EdfmConfig):
 
         loss = flow_matching_loss(velocity, keys["flow"], target, config.noise_var,
                                   exp_base=config.train_time_exp_base, trunc=config.train_time_trunc,
-                                  power=config.mse_power, mask=batch["mask"])
+                                  power=config.mse_power, mask=batch["mask"],
+                                  target=config.flow_target)
         return loss, (model_state, {})
 
     return loss_fn

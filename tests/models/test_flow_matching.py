@@ -80,8 +80,15 @@ def test_flow_matching_loss_matches_manual_computation():
     xi = jax.random.normal(n_key, x1.shape)
     x_t = t[:, None] * x1 + (1 - t[:, None]) * sigma * xi
     per_row = jnp.sum((vel(x_t, t) - (x1 - sigma * xi)) ** 2, axis=-1)
-    np.testing.assert_allclose(fm.flow_matching_loss(vel, key, x1, sigma), per_row.mean(),
+    np.testing.assert_allclose(fm.flow_matching_loss(vel, key, x1, sigma, target="closed_form"),
+                               per_row.mean(), rtol=1e-6)
+    # the reference's arithmetic: (x1 - x_t) / (1 - t), equal up to float32 rounding
+    per_row_ref = jnp.sum((vel(x_t, t) - (x1 - x_t) / (1 - t[:, None])) ** 2, axis=-1)
+    np.testing.assert_allclose(fm.flow_matching_loss(vel, key, x1, sigma), per_row_ref.mean(),
                                rtol=1e-6)
+    np.testing.assert_allclose(per_row_ref.mean(), per_row.mean(), rtol=1e-3)
+    with pytest.raises(ValueError, match="target"):
+        fm.flow_matching_loss(vel, key, x1, sigma, target="exact")
     mask = jnp.array([1, 1, 0, 1, 0, 1], bool)
     np.testing.assert_allclose(fm.flow_matching_loss(vel, key, x1, sigma, mask=mask),
                                per_row[mask].mean(), rtol=1e-6)
