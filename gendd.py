@@ -115,6 +115,7 @@ class GenDDConfig(CommonConfig):
     smooth: Optional[float] = None  # distribution contraction s; null: 0.9, or 0 when unsupervised (the reference's scripts)
     unsupervised: bool = False  # no labels: no probe CE, probe frozen, soft labels from the teacher
     beta: float = 1.0  # representation mixup Beta(beta, beta); 0 disables it
+    projector_weight_decay: bool = False  # decay the projector LayerNorm too, as the reference's grouping does [Q3]
     token_dim: int = 64  # td: the teacher feature is split into D/td tokens
     diffusion_batch_mul: int = 30  # M
     cond_drop_prob: float = 0.2  # probability of dropping a row's condition (classifier-free guidance)
@@ -348,11 +349,12 @@ def beta2_schedule(beta2_min: float, beta2_max: float, total_steps: int):
     return schedule
 
 
-def decay_mask_of(params):
+def decay_mask_of(params, projector_decay: bool = False):
     """Weight decay for the student (backbone incl. BatchNorm, fc_s) and stage-1's P; none for
-    the diffusion head and the projector LayerNorm ([Q3] fixed)."""
-    return {name: jax.tree.map(lambda _: name not in ("head", "projector"), sub)
-            for name, sub in params.items()}
+    the diffusion head, nor for the projector LayerNorm ([Q3] fixed) unless `projector_decay`
+    (the reference's grouping, whose "ln" match misses the projector)."""
+    undecayed = ("head",) if projector_decay else ("head", "projector")
+    return {name: jax.tree.map(lambda _: name not in undecayed, sub) for name, sub in params.items()}
 
 
 def frozen_mask_of(params, freeze_student_fc: bool):
@@ -706,7 +708,8 @@ def build(config: GenDDConfig, dataset) -> Run:
                                     config.warmup_epochs, num_epochs)
         b2 = None if config.beta2_min is None else beta2_schedule(
             config.beta2_min, config.adam_beta2, num_epochs * steps)
-        optimizer = make_optimizer(config, lr, b2=b2, decay_mask=decay_mask_of(params),
+        optimizer = make_optimizer(config, lr, b2=b2,
+                                   decay_mask=decay_mask_of(params, config.projector_weight_decay),
                                    frozen_mask=frozen_mask_of(params, config.unsupervised))
         loss_fn = make_stage2_loss_fn(student, teacher, head, diffusion, config)
         eval_fn = make_stage2_eval_fn(student, teacher, head, sampler, config)

@@ -160,6 +160,8 @@ CASES = [
      r"imagenet2012 streams \(it does not fit on a device\)"),
     ("a missing streamed set", KD, flags("--data_name", "ImageNet_LT", "--data_root", under("no_data")),
      r"data set ImageNet_LT \(train split\) not found: looked for .*no_data/ImageNet_LT/ImageNet_LT_train.txt"),
+    ("train_on_val with a selection", KD, flags("--train_on_val", "true", "--select_metric", "nll"),
+     r"train_on_val trains on the validation images too, so nothing is left to select on"),
     ("out of memory", KD, flags("--model_width", "100000"),
      r"out of memory \(.*RESOURCE_EXHAUSTED.*\): lower optim_bs \(now 8\)"),
 ]

@@ -140,6 +140,10 @@ def test_adamw_decay_and_freeze_masks_and_beta2_schedule():
     # stage 2 supervised: the probe trains
     mask = gendd.frozen_mask_of(params, False)
     assert not any(jax.tree.leaves(mask))
+    # the reference's grouping decays the projector LayerNorm too ([Q3] as it was)
+    reference = gendd.decay_mask_of(params, projector_decay=True)
+    assert all(jax.tree.leaves(reference["projector"])) and not any(jax.tree.leaves(reference["head"]))
+    assert not any(jax.tree.leaves(gendd.decay_mask_of(params)["projector"]))
 
 
 # ------------------------------------------------------------------------ data and teachers

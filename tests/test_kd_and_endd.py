@@ -208,3 +208,20 @@ def test_select_metric_must_be_a_validation_metric(tiny_setup, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert "select_metric 'ens_nll'" in err and "acc, nll" in err and len(err.splitlines()) == 1
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_train_on_val_trains_on_both_splits_and_exports_the_last_epoch(tiny_setup, tmp_path):
+    """train_on_val: the val images join the training set (more steps per epoch), nothing is
+    validated, and the export is the last epoch's state."""
+    import kd_and_endd
+    from utils.logging import read_metrics
+
+    runs = {}
+    for name, extra in (("split", []), ("full", ["--train_on_val", "true", "--select_metric", "null"])):
+        run_dir = tmp_path / name
+        kd_and_endd.main(["--config", os.path.join(ROOT, "config/distillation/kd_fmnist_frnrelu.yaml"),
+                          *_common_args(tiny_setup, run_dir), *extra])
+        runs[name] = read_metrics(run_dir)[-1]
+    assert runs["full"]["step"] > runs["split"]["step"]
+    assert "val/acc" in runs["split"] and not any(k.startswith("val/") for k in runs["full"])

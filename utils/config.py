@@ -50,6 +50,7 @@ class CommonConfig:
     data_root: str = "./data/"  # where data sets are looked for (and downloaded to)
     download: bool = False  # fetch a missing data set from its official source
     num_train_examples: Optional[int] = None  # use only the first N training examples
+    train_on_val: bool = False  # train on the train and val splits (CIFAR: all 50,000, as GenDD's reference); export the last epoch
     # data.datasets.long_tailed: class c keeps n_max x ratio^(-c/(C-1)) training images
     long_tail_ratio: Optional[float] = None  # make an on-device training split long-tailed (val, test stay balanced)
     shot_thresholds: Optional[List[int]] = None  # [many, few]: also many- (> many train images), medium- and few-shot (< few) accuracy

@@ -10,6 +10,7 @@ tested against the on-device one.
 import dataclasses
 
 import jax
+import numpy as np
 
 from data import catalog, datasets
 from data.stream import Mixing, Stream, StreamedDataset
@@ -42,11 +43,18 @@ def load_data(config):
 
 
 def with_long_tail(config, dataset):
-    """The on-device set with its training split long-tailed when long_tail_ratio is set."""
-    if config.long_tail_ratio is None:
-        return dataset
-    train = datasets.long_tailed(dataset.train, dataset.num_classes, config.long_tail_ratio)
-    return dataclasses.replace(dataset, train=train)
+    """The on-device set with its training split long-tailed when long_tail_ratio is set, and
+    with the val split moved into it when train_on_val is."""
+    if config.long_tail_ratio is not None:
+        train = datasets.long_tailed(dataset.train, dataset.num_classes, config.long_tail_ratio)
+        dataset = dataclasses.replace(dataset, train=train)
+    if getattr(config, "train_on_val", False):
+        train, val = dataset.train, dataset.val
+        dataset = dataclasses.replace(
+            dataset, train=datasets.Split(np.concatenate([train.images, val.images]),
+                                          np.concatenate([train.labels, val.labels])),
+            val=datasets.Split(val.images[:0], val.labels[:0]))
+    return dataset
 
 
 def shot_groups(config, dataset):
@@ -63,8 +71,8 @@ def shot_groups(config, dataset):
 def _catalog_sources(config):
     """(spec fields, {split: source or None}) of a catalog set; val and test from
     eval_data_name when given; a set without a test split is tested on its val split."""
-    if config.num_train_examples is not None or config.long_tail_ratio is not None:
-        raise UserError("num_train_examples and long_tail_ratio apply to the on-device sets only; a "
+    if config.num_train_examples is not None or config.long_tail_ratio is not None or config.train_on_val:
+        raise UserError("num_train_examples, long_tail_ratio and train_on_val apply to the on-device sets only; a "
                         "streamed set takes a list file (data/sources.py ListFileSource) of the "
                         "images to use")
     spec = catalog.get_streamed_spec(config.data_name, config.data_root)

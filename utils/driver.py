@@ -39,7 +39,8 @@ def load_teachers_checked(config, dataset):
 
 def validation_metrics(run: Run, dataset) -> list:
     """The names eval_fn returns, found by tracing it on one batch (nothing is computed)."""
-    batch = {"images": np.zeros((1, *dataset.image_shape), np.uint8), "labels": np.zeros(1, np.int32), "mask": np.ones(1, bool)}
+    batch = {"images": np.zeros((1, *dataset.image_shape), np.uint8), "labels": np.zeros(1, np.int32),
+             "mask": np.ones(1, bool)}
     shapes = jax.eval_shape(run.eval_fn, run.state, run.frozen, batch, jax.random.PRNGKey(0))
     return sorted(shapes)
 
@@ -71,6 +72,9 @@ def train(method: Method, config, mesh=None) -> str:
 
         check_input_size(build_model(config.model_arch, 2), dataset.image_shape, "model_arch")
     run = method.build(config, dataset)
+    if getattr(config, "train_on_val", False) and run.select_metric is not None:
+        raise UserError("train_on_val trains on the validation images too, so nothing is left to "
+                        "select on: set select_metric null (the last epoch is exported)")
     check_select_metric(run, dataset)
     # After every input check, so bad input leaves nothing; one process per run directory. The
     # config is written once a resumed run's checkpoint has been read (fit's on_start).
@@ -103,6 +107,7 @@ def fit_and_export(method: Method, config, run: Run, dataset, run_dir: str, mesh
     if run.summary:
         print(run.summary)
     val = dataset.val if run.val is None else run.val
+    val = val if val is not None and len(val) else None  # train_on_val: no validation
     state = trainer.fit(run.state, dataset.train, val, run.frozen,
                         on_start=lambda epoch: save_config(config, run_dir))
 
