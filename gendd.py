@@ -107,6 +107,7 @@ class GenDDConfig(CommonConfig):
         default_factory=lambda: [150, 180, 210])
     lr_decay_rate: float = 0.1  # step schedule factor
     min_lr: float = 0.0  # floor of the cos schedule
+    reference_lr_quirks: bool = False  # the reference's [Q1] step LR (stuck at the last warm-up value until the first decay) and [Q2] stage-1 cosine (ends at 0)
     # Stage-1 optimisation: AdamW(adam_beta1, adam_beta2), per-epoch cosine without warm-up
     stage1_lr: float = 3e-3  # stage-1 learning rate
     stage1_ne: int = 50  # stage-1 epochs
@@ -298,15 +299,22 @@ def logit_metrics(logits, labels, prefix: str = "", soft_labels=None):
 # Schedules and the optimizer
 # ---------------------------------------------------------------------------------------------
 def step_lr_schedule(base_lr: float, steps_per_epoch: int, warmup_epochs: int,
-                     decay_epochs, decay_rate: float):
+                     decay_epochs, decay_rate: float, reference: bool = False):
     """CIFAR stage 2, set per 1-based epoch e: base·e/warmup while e < warmup, then base, times
-    decay_rate for every decay epoch passed (e > 150: ×0.1, e > 180: ×0.01, ...). [Q1] fixed."""
-    decay_epochs = jnp.asarray(list(decay_epochs) or [np.iinfo(np.int32).max], jnp.int32)
+    decay_rate for every decay epoch passed (e > 150: ×0.1, e > 180: ×0.01, ...). [Q1] fixed;
+    `reference`: as the reference, the LR stays at the last warm-up value base·(warmup−1)/warmup
+    from the end of warm-up to the first decay epoch."""
+    decay_epochs = list(decay_epochs) or [np.iinfo(np.int32).max]
+    first_decay = decay_epochs[0]
+    decay_epochs = jnp.asarray(decay_epochs, jnp.int32)
 
     def schedule(step):
         epoch = jnp.asarray(step) // steps_per_epoch + 1
         warm = base_lr * epoch / max(warmup_epochs, 1)
         decayed = base_lr * decay_rate ** jnp.sum(epoch > decay_epochs)
+        if reference:
+            stuck = base_lr * (warmup_epochs - 1) / max(warmup_epochs, 1)
+            decayed = jnp.where(epoch <= first_decay, stuck, decayed)
         return jnp.where(epoch < warmup_epochs, warm, decayed).astype(jnp.float32)
 
     return schedule
@@ -327,12 +335,14 @@ def cosine_lr_schedule(base_lr: float, min_lr: float, steps_per_epoch: int, warm
     return schedule
 
 
-def stage1_lr_schedule(base_lr: float, steps_per_epoch: int, num_epochs: int):
+def stage1_lr_schedule(base_lr: float, steps_per_epoch: int, num_epochs: int,
+                       reference: bool = False):
     """Stage 1, per 0-based epoch e: base·½(1 + cos(πe/E)): the peak in the first epoch, a
-    positive rate in the last ([Q2] fixed; the reference's 1-based e ends at 0)."""
+    positive rate in the last ([Q2] fixed); `reference`: the reference's 1-based e, below the
+    peak in the first epoch and 0 in the last."""
 
     def schedule(step):
-        epoch = jnp.asarray(step) // steps_per_epoch
+        epoch = jnp.asarray(step) // steps_per_epoch + (1 if reference else 0)
         return (base_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / num_epochs))).astype(jnp.float32)
 
     return schedule
@@ -681,7 +691,7 @@ def build(config: GenDDConfig, dataset) -> Run:
         if student_dim != feature_dim:
             params["proj"] = nn.Dense(feature_dim).init(k_proj, jnp.zeros((1, student_dim)))["params"]
         num_epochs = config.stage1_ne
-        lr = stage1_lr_schedule(config.stage1_lr, steps, num_epochs)
+        lr = stage1_lr_schedule(config.stage1_lr, steps, num_epochs, config.reference_lr_quirks)
         optimizer = make_optimizer(
             dataclasses.replace(config, optim_weight_decay=config.stage1_weight_decay), lr,
             decay_mask=decay_mask_of(params), frozen_mask=frozen_mask_of(params, True))
@@ -702,7 +712,7 @@ def build(config: GenDDConfig, dataset) -> Run:
         num_epochs = config.optim_ne
         if config.lr_schedule == "step":
             lr = step_lr_schedule(config.optim_lr, steps, config.warmup_epochs,
-                                  config.lr_decay_epochs, config.lr_decay_rate)
+                                  config.lr_decay_epochs, config.lr_decay_rate, config.reference_lr_quirks)
         else:
             lr = cosine_lr_schedule(config.optim_lr, config.min_lr, steps,
                                     config.warmup_epochs, num_epochs)

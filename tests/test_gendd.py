@@ -111,6 +111,15 @@ def test_learning_rate_and_beta2_schedules():
     assert float(s1(0)) == pytest.approx(3e-3) and float(s1(spe - 1)) == pytest.approx(3e-3)
     assert 0 < float(s1(49 * spe)) < 1e-5  # [Q2] fixed: the last epoch still trains
 
+    # reference_lr_quirks: [Q1] 0.98e-3 from epoch 50 to 150 (spec §6); [Q2] 1.5e-3 (1 + cos(πe/50))
+    quirky = gendd.step_lr_schedule(1e-3, spe, 50, [150, 180, 210], 0.1, reference=True)
+    at = lambda e: float(quirky((e - 1) * spe + 1))
+    np.testing.assert_allclose([at(e) for e in (49, 50, 100, 150, 151, 181)],
+                               [9.8e-4, 9.8e-4, 9.8e-4, 9.8e-4, 1e-4, 1e-5], rtol=1e-5)
+    s1_reference = gendd.stage1_lr_schedule(3e-3, spe, 50, reference=True)
+    np.testing.assert_allclose(float(s1_reference(0)), 1.5e-3 * (1 + np.cos(np.pi / 50)), rtol=1e-6)
+    assert float(s1_reference(49 * spe)) == pytest.approx(0.0, abs=1e-12)
+
     b2 = gendd.beta2_schedule(0.95, 0.999, 101)
     np.testing.assert_allclose([float(b2(0)), float(b2(50)), float(b2(100))],
                                [0.95, (0.95 + 0.999) / 2, 0.999], rtol=1e-6)
