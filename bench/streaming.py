@@ -5,11 +5,12 @@ loader's share of an ImageNet-shape training step.
     python bench/streaming.py --images 64 --batch 8 --size 64 --steps 2 --workers 0   # smoke
 
 1. Loader: a folder of `--images` generated JPEGs of ImageNet's typical sizes (shorter side 333
-   to 500, quality 90) read by data.stream.Stream with the ImageNet training transform
-   (data.image_ops.TrainTransform: RandomResizedCrop (0.08, 1) to `--size`, flip, RandAugment
-   (2, 9) with `--randaugment`, default on): one untimed epoch (worker start-up, file cache),
-   then one timed epoch, for each `--workers` count (0: in this process, i.e. one worker).
-   Reported: images/s, and per worker.
+   to 500, quality 90) and the ImageNet training transform (data.image_ops.TrainTransform:
+   RandomResizedCrop (0.08, 1) to `--size`, flip, RandAugment (2, 9) with `--randaugment`,
+   default on). Per worker: the read + decode + augment of one example, timed serially in this
+   process. Through grain: one untimed epoch (file cache), then one timed epoch of
+   data.stream.Stream for each `--workers` count (0: grain's threads in this process), its
+   images/s including the start of its worker processes, and the time to its first batch.
 2. Step: ResNet-18 (the zoo's, torchvision's definition) trained at `--size` with batch
    `--batch` by the trainer's streaming step (utils.trainer.make_stream_train_step): `--steps`
    steps on streamed batches prefetched onto the devices as the trainer does, against the same
@@ -50,15 +51,31 @@ def write_jpegs(root: str, count: int, classes: int = 8, seed: int = 0):
         image.save(os.path.join(folder, f"{i}.JPEG"), quality=90)
 
 
+def per_worker_rate(source, transform, count: int) -> dict:
+    """What one worker does per example (read, decode, augment), timed serially in this process."""
+    rng = np.random.default_rng(0)
+    transform(source[0]["image"], rng)  # untimed: file cache, Pillow's first call
+    start = time.perf_counter()
+    for i in range(count):
+        transform(source[i % len(source)]["image"], rng)
+    seconds = time.perf_counter() - start
+    return {"images": count, "seconds": seconds, "images_per_s": count / seconds}
+
+
 def loader_throughput(source, transform, size: int, batch: int, workers: int) -> dict:
+    """One epoch through the Stream (grain) after an untimed one: its images/s including the
+    start of its worker processes (each epoch starts its own), and that start (the first batch)."""
     stream = Stream(source, batch, transform, (size, size, 3), train=True, seed=0, num_workers=workers)
-    for _ in stream.batches(epoch=0):  # untimed: start-up, file cache
+    for _ in stream.batches(epoch=0):  # untimed: file cache
         pass
     start = time.perf_counter()
-    count = sum(int(b["mask"].sum()) for b in stream.batches(epoch=1))
+    batches = stream.batches(epoch=1)
+    count = int(next(batches)["mask"].sum())
+    first_batch_s = time.perf_counter() - start
+    count += sum(int(b["mask"].sum()) for b in batches)
     seconds = time.perf_counter() - start
-    return {"workers": workers, "images": count, "seconds": seconds,
-            "images_per_s": count / seconds, "images_per_s_per_worker": count / seconds / max(workers, 1)}
+    return {"workers": workers, "images": count, "seconds": seconds, "first_batch_s": first_batch_s,
+            "images_per_s": count / seconds}
 
 
 def make_step(size: int, num_classes: int, mesh):
@@ -126,10 +143,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as root:
         write_jpegs(root, args.images)
         source = ImageFolderSource(root)
+        worker = per_worker_rate(source, transform, min(args.images, 128))
+        print(f"one worker (serial): {worker['images_per_s']:.1f} images/s")
         loader = [loader_throughput(source, transform, args.size, args.batch, w) for w in args.workers]
         for row in loader:
-            print(f"loader, {row['workers']} workers: {row['images_per_s']:.1f} images/s "
-                  f"({row['images_per_s_per_worker']:.1f} per worker)")
+            print(f"grain, {row['workers']} worker processes: {row['images_per_s']:.1f} images/s over "
+                  f"the epoch ({row['first_batch_s']:.2f} s to its first batch)")
         steps = min(args.steps, args.images // args.batch - 1)
         share = step_share(source, transform, args.size, args.batch, steps, max(args.workers))
         print(f"ResNet-18 at {args.size}, batch {args.batch}: streamed {share['streamed_step_s']:.3f} s "
@@ -138,7 +157,7 @@ def main(argv=None):
     common.save("streaming", {"images": args.images, "size": args.size,
                               "transform": {"crop": "random_resized (0.08, 1)", "flip": True,
                                             "randaugment": [2, 9] if args.randaugment else None},
-                              "loader": loader, "step": share}, args.out_dir)
+                              "per_worker": worker, "loader": loader, "step": share}, args.out_dir)
 
 
 if __name__ == "__main__":

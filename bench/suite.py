@@ -240,6 +240,7 @@ def figures(result: dict) -> dict:
             if row.get("device"):
                 out[f"{method}.device.peak_in_use"] = row["device"].get("peak_in_use")
     elif name == "streaming":
+        out["per_worker.images_per_s"] = result["per_worker"]["images_per_s"]
         for row in result["loader"]:
             out[f"loader.{row['workers']}.images_per_s"] = row["images_per_s"]
         for key in ("streamed_step_s", "synthetic_step_s"):  # the share may be 0: not checked
@@ -513,10 +514,10 @@ def tables(out_dir: str, tag: str) -> str:
     if result:
         seen(result)
         step = result["step"]
-        loaders = ", ".join(f"{r['workers'] or 'in-process'}{' workers' if r['workers'] else ''} "
-                            f"{_fmt(r['images_per_s'], ',.0f')} images/s "
-                            f"({_fmt(r['images_per_s_per_worker'], ',.0f')} per worker)"
-                            for r in result["loader"])
+        loaders = f"{_fmt(result['per_worker']['images_per_s'], ',.0f')} images/s per worker; " + ", ".join(
+            f"grain with {r['workers'] or 'no'} worker processes {_fmt(r['images_per_s'], ',.0f')} images/s "
+            f"over an epoch of {r['images']} ({_fmt(r['first_batch_s'], '.1f')} s to the first batch)"
+            for r in result["loader"])
         rows.append(f"| (h) streaming, generated JPEGs -> {result['size']}² RandomResizedCrop, flip, "
                     f"RandAugment | {loaders}; ResNet-18 step, batch {step['batch']}: "
                     f"{_fmt(step['streamed_step_s'], '.2f', 1e3)} ms streamed, "

@@ -210,7 +210,8 @@ def test_run_trains_two_steps_on_two_devices_and_exports(edfm_run):
             assert test[f"test/{name}/{key}"] == pytest.approx(row[key], rel=1e-6, abs=1e-9), (name, key)
     sidecar = read_sidecar(str(run / "model"), kind="edfm")
     assert sidecar["head"] == {"hidden_size": 32, "time_embed_dim": 32, "num_blocks": 4, "noise_var": 4.0,
-                               "droprate": 0.0, "time_scale": 1000.0}
+                               "droprate": 0.0, "time_scale": 1000.0, "s_noise": None,
+                               "dropout_on_stream": True}
     assert sidecar["sampler"]["sample_num_steps"] == 7 and sidecar["sampler"]["sample_time_exp_base"] == 0.5
     assert (sidecar["data_name"], sidecar["num_classes"], sidecar["seed"]) == ("FashionMNIST_x28", 10, 3)
     assert sidecar["backbone"]["model"]["depth"] == 8 and np.isfinite(sidecar["val"]["nll"])

@@ -108,7 +108,7 @@ def test_check_options_lists_what_the_loader_takes(resnet_run):
     assert len(message.splitlines()) == 1
     assert message.startswith("students[0]: kd_and_endd.py load_predictor")
     assert "['num_steps', 'solver']" in message
-    assert message.endswith("it takes num_members, seed, dirichlet_mean")
+    assert message.endswith("it takes num_members, seed, dirichlet_mean, softmax_logits")
 
 
 # -------------------------------------------------------------------------------- ensembles
