@@ -359,9 +359,9 @@ class _TinyNet(nn.Module):
         return ResNetOutput(logits, pooled, x) if return_features else logits
 
 
-def test_stage2_gradients_reach_what_they_should():
-    """The backbone learns only through the diffusion loss; the probe CE trains only fc_s;
-    unsupervised: no CE and no gradient for the probe. The loss reads batch statistics."""
+def _tiny_stage2():
+    """(student, teacher, head, params, student state, frozen) of a tiny stage 2: 16-d student,
+    32-d teacher (2 tokens of 16), the head's zero-initialised layers as initialised."""
     student, teacher = _TinyNet(16), _TinyNet(32)
     x = jnp.zeros((2, 28, 28, 1))
     s_vars = dict(student.init(jax.random.key(0), x))
@@ -371,8 +371,15 @@ def test_stage2_gradients_reach_what_they_should():
               "projector": {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
               "head": head.init(jax.random.key(2), jnp.zeros((1, 16)), jnp.zeros((1,), jnp.int32),
                                 jnp.zeros((1, 16)), jnp.zeros((1,), jnp.int32))["params"]}
-    params["head"] = jax.tree.map(lambda v: v + 0.1, params["head"])  # move off the zero init
     frozen = {"teacher": t_vars, "classifier": t_vars["params"]["classifier"]}
+    return student, teacher, head, params, s_vars, frozen
+
+
+def test_stage2_gradients_reach_what_they_should():
+    """The backbone learns only through the diffusion loss; the probe CE trains only fc_s;
+    unsupervised: no CE and no gradient for the probe. The loss reads batch statistics."""
+    student, teacher, head, params, s_vars, frozen = _tiny_stage2()
+    params["head"] = jax.tree.map(lambda v: v + 0.1, params["head"])  # move off the zero init
     batch = {"images": jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)),
                                    jnp.uint8),
              "labels": jnp.arange(4, dtype=jnp.int32), "mask": jnp.ones(4, bool)}
@@ -410,19 +417,10 @@ def test_stage2_takes_a_streamed_batch_and_its_soft_labels():
     """A streamed batch (workers already augmented it: `augmented_images`) with one-hot soft
     labels trains exactly as hard labels; other soft labels change the contraction target (qᵀW)
     and the probe's cross-entropy."""
-    student, teacher = _TinyNet(16), _TinyNet(32)
-    x = jnp.zeros((2, 28, 28, 1))
-    s_vars = dict(student.init(jax.random.key(0), x))
-    t_vars = teacher.init(jax.random.key(1), x)
-    head = gendd.DiffusionMLP(token_dim=16, num_tokens=2, width=8, depth=1, cond_drop_prob=0.2)
-    params = {"student": s_vars.pop("params"),
-              "projector": {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
-              "head": head.init(jax.random.key(2), jnp.zeros((1, 16)), jnp.zeros((1,), jnp.int32),
-                                jnp.zeros((1, 16)), jnp.zeros((1,), jnp.int32))["params"]}
+    student, teacher, head, params, s_vars, frozen = _tiny_stage2()
     leaves, tree = jax.tree.flatten(params["head"])  # off the zero init, so ε̂ depends on x_t
     noise = [0.1 * jax.random.normal(jax.random.key(i), v.shape) for i, v in enumerate(leaves)]
     params["head"] = jax.tree.unflatten(tree, [v + n for v, n in zip(leaves, noise)])
-    frozen = {"teacher": t_vars, "classifier": t_vars["params"]["classifier"]}
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)), jnp.uint8)
     labels = jnp.arange(4, dtype=jnp.int32)
     config = gendd.GenDDConfig(teacher_dir="x", token_dim=16, diffusion_batch_mul=2, beta=0.0,
