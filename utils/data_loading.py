@@ -30,7 +30,7 @@ def load_data(config):
         if catalog.is_streamed(config.data_name):
             raise UserError(f"{config.data_name} streams (it does not fit on a device): set "
                             f"input_pipeline to stream or auto")
-        dataset = with_long_tail(config, datasets.load_dataset(
+        dataset = with_split_options(config, datasets.load_dataset(
             config.data_name, config.data_root, download=config.download,
             num_train_examples=config.num_train_examples))
     else:
@@ -42,7 +42,7 @@ def load_data(config):
     return dataset
 
 
-def with_long_tail(config, dataset):
+def with_split_options(config, dataset):
     """The on-device set with its training split long-tailed when long_tail_ratio is set, and
     with the val split moved into it when train_on_val is."""
     if config.long_tail_ratio is not None:
@@ -97,7 +97,7 @@ def _registry_sources(config):
 
     if config.eval_data_name:
         raise UserError("eval_data_name applies to streamed catalog sets only")
-    small = with_long_tail(config, datasets.load_dataset(
+    small = with_split_options(config, datasets.load_dataset(
         config.data_name, config.data_root, download=config.download,
         num_train_examples=config.num_train_examples))
     splits = {name: ArraySource(split.images, split.labels, num_classes=small.num_classes,

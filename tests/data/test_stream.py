@@ -7,7 +7,7 @@ import pytest
 from data.stream import Stream, epoch_order
 from utils.logging import read_metrics
 from utils.trainer import to_mesh, make_mesh
-from tests.utils.test_trainer import TRAIN, VAL, make_trainer
+from tests.utils.test_trainer import TRAIN, VAL, die_at_call, make_trainer
 
 
 class ArrayList:
@@ -113,15 +113,7 @@ def test_a_run_killed_mid_epoch_resumes_at_the_next_batch(tmp_path):
 
     trainer, state = make_trainer(tmp_path / "killed", jax.devices()[:1], num_epochs=2)
     trainer.checkpoint_every = 3
-    real_step, calls = trainer._stream_step, []
-
-    def dying_step(*args):
-        calls.append(1)
-        if len(calls) == 8:  # epoch 2, batch 3: the last checkpoint is step 6 (epoch 2, batch 1)
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    trainer._stream_step = dying_step
+    die_at_call(trainer, "_stream_step", 8)  # epoch 2, batch 3: the last checkpoint is step 6
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(state, train, VAL)
     trainer.checkpoints.wait()

@@ -53,20 +53,26 @@ def test_one_and_four_devices_agree(tmp_path):
                  state1.params, state4.params)
 
 
+def die_at_call(trainer, step_attribute: str, call: int):
+    """Make the trainer's step (`_train_step` or `_stream_step`) raise KeyboardInterrupt at its
+    `call`-th call, as a killed run."""
+    real_step, calls = getattr(trainer, step_attribute), []
+
+    def dying_step(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    setattr(trainer, step_attribute, dying_step)
+
+
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     trainer, state = make_trainer(tmp_path / "full", jax.devices()[:1], num_epochs=3)
     uninterrupted = trainer.fit(state, TRAIN, VAL)
 
     trainer, state = make_trainer(tmp_path / "killed", jax.devices()[:1], num_epochs=3)
-    real_step, calls = trainer._train_step, []
-
-    def dying_step(*args):
-        calls.append(1)
-        if len(calls) == 13:  # in the middle of epoch 3 (5 steps per epoch)
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    trainer._train_step = dying_step
+    die_at_call(trainer, "_train_step", 13)  # in the middle of epoch 3 (5 steps per epoch)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit(state, TRAIN, VAL)
     trainer.checkpoints.wait()
