@@ -44,6 +44,9 @@ overwritten):
                the OOD sets and each student's sweeps (its method's hook: EDFM members and
                function evaluations, GenDD sampling steps and guidance);
 - results.json every number, with the resolved config and timings;
+- per_example.npz  the test split's per-input NLL and KL to the teacher of every method
+               (`names` [methods], `nll`, `kl_to_teacher` [methods, N], `labels` [N]): what
+               aggregate.py pairs over the same test images;
 - reliability.png, diversity_vs_accuracy.png, and a <student>_<sweep>.png per sweep.
 
 The stages (predict, metrics, shift and OOD, cost, sweeps, plots) name no method; the metrics
@@ -684,6 +687,8 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
                       "test": {}, "shift": {}, "ood": {}, "shift_mean": {}, "ood_mean": {},
                       "cost": {}} for name, p in predictors.items()}
     in_scores, reliability = {}, {}
+    teacher_probs = None
+    per_example = {"nll": [], "kl_to_teacher": []}
 
     # The test split, with W2 and everything else.
     start = time.perf_counter()
@@ -698,6 +703,9 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
         summary = ensemble_summary(logits, labels, None if is_teacher else teacher_test,
                                    w2=config.w2, eps=config.metric_eps)
         probs = metrics.ensemble_probs(logits)
+        teacher_probs = probs if is_teacher else teacher_probs  # the teacher comes first
+        per_example["nll"].append(metrics.nll_per_input(probs, labels, config.metric_eps))
+        per_example["kl_to_teacher"].append(metrics.kl_per_input(teacher_probs, probs))
         if dataset.num_classes > 5:
             summary["top5"] = metrics.top_k_accuracy(probs, labels, 5)
         if groups is not None:
@@ -781,6 +789,8 @@ def evaluate(config: EvaluateConfig, log=print) -> dict:
         json.dump(_plain({"config": dataclasses.asdict(config), "info": info, "timings": timings,
                           "shift_sets": list(shift), "ood_sets": list(ood), "methods": results,
                           "sweeps": sweeps, "plots": plot_names}), f, indent=1)
+    np.savez_compressed(os.path.join(run_dir, "per_example.npz"), names=np.array(list(runners)),
+                        labels=labels, **{k: np.stack(v).astype(np.float32) for k, v in per_example.items()})
     write_markdown(os.path.join(run_dir, "results.md"), config, results, list(shift), list(ood),
                    sweeps, plot_names, info, latency_bs)
     table = main_table(results, latency_bs)

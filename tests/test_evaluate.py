@@ -300,6 +300,19 @@ latency_warmup: 1
     assert sweep["euler steps"]["points"][0]["options"] == {"num_steps": 2, "solver": "euler"}
     assert sweep["members"]["points"][0]["mi"] is None and sweep["members"]["points"][1]["mi"] > 0
     assert out["run_dir"] == str(save)
+    # per_example.npz: each method's per-image NLL and KL to the teacher; KD's recomputed directly
+    per_example = np.load(save / "per_example.npz")
+    names = list(per_example["names"])
+    assert names == [teacher_name, "KD", "Self", "EDFM", "KD x2"]
+    assert per_example["nll"].shape == per_example["kl_to_teacher"].shape == (5, 48)
+    np.testing.assert_array_equal(per_example["labels"], test.labels[:48])
+    for index, name in enumerate(names):
+        assert per_example["nll"][index].mean() == pytest.approx(methods[name]["test"]["nll"], rel=1e-5)
+        kl = per_example["kl_to_teacher"][index]
+        assert kl.mean() == pytest.approx(methods[name]["test"].get("kl_to_teacher") or 0, abs=1e-6)
+    np.testing.assert_allclose(per_example["nll"][1], -np.log(metrics.softmax(kd_logits[:, 0])[
+        np.arange(48), test.labels[:48]]), rtol=1e-4)
+    assert (per_example["kl_to_teacher"][0] == 0).all() and (per_example["kl_to_teacher"][1] > 0).all()
 
     # Nothing is overwritten.
     before = (save / "results.md").read_text()

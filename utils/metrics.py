@@ -42,8 +42,10 @@ __all__ = [
     "ece",
     "ensemble_probs",
     "kl_to_teacher",
+    "kl_per_input",
     "mutual_information",
     "nll",
+    "nll_per_input",
     "ood_auroc",
     "predictive_entropy",
     "softmax",
@@ -116,6 +118,12 @@ def _nll_per_input(p: np.ndarray, y: np.ndarray, eps: float) -> np.ndarray:
     return -np.log(np.maximum(py, TINY))
 
 
+def nll_per_input(probs, labels, eps: float = 0.0) -> np.ndarray:
+    """[N] -log(p_y + eps) of each input (`nll` is their mean)."""
+    p = _float(probs, 2, "probs")
+    return _nll_per_input(p, _labels(labels, p.shape[0], p.shape[1]), eps)
+
+
 def nll(probs, labels, eps: float = 0.0) -> float:
     """Mean over inputs of -log(p_y + eps).
 
@@ -123,9 +131,7 @@ def nll(probs, labels, eps: float = 0.0) -> float:
     probability of exactly 0 with ``eps=0`` gives a finite -log(TINY) ~ 87.34 for that input.
     The reference's offline `nll` used ``eps=1e-5``, its in-training EDFM/FED NLL ``eps=1e-8``.
     """
-    p = _float(probs, 2, "probs")
-    y = _labels(labels, p.shape[0], p.shape[1])
-    return float(np.mean(_nll_per_input(p, y, eps)))
+    return float(np.mean(nll_per_input(probs, labels, eps)))
 
 
 def _bin_index(conf: np.ndarray, num_bins: int) -> np.ndarray:
@@ -186,16 +192,21 @@ def _kl_per_input(t: np.ndarray, s: np.ndarray) -> np.ndarray:
     return np.where(t > 0, t * (log_t - log_s), 0.0).sum(axis=-1)
 
 
+def kl_per_input(teacher_probs, student_probs) -> np.ndarray:
+    """[N] KL(teacher || student) of each input (`kl_to_teacher` is their mean)."""
+    t = _float(teacher_probs, 2, "teacher_probs")
+    s = _float(student_probs, 2, "student_probs")
+    _same_shape(t, s, "teacher_probs", "student_probs")
+    return _kl_per_input(t, s)
+
+
 def kl_to_teacher(teacher_probs, student_probs) -> float:
     """Mean over inputs of KL(teacher || student) = sum_k t_k (log t_k - log s_k), nats.
 
     Terms with t_k = 0 are 0; student probabilities are clipped from below at ``TINY`` so a
     student zero where the teacher has mass gives a large finite value, never inf.
     """
-    t = _float(teacher_probs, 2, "teacher_probs")
-    s = _float(student_probs, 2, "student_probs")
-    _same_shape(t, s, "teacher_probs", "student_probs")
-    return float(np.mean(_kl_per_input(t, s)))
+    return float(np.mean(kl_per_input(teacher_probs, student_probs)))
 
 
 def agreement(teacher_probs, student_probs) -> float:
