@@ -313,6 +313,17 @@ latency_warmup: 1
     np.testing.assert_allclose(per_example["nll"][1], -np.log(metrics.softmax(kd_logits[:, 0])[
         np.arange(48), test.labels[:48]]), rtol=1e-4)
     assert (per_example["kl_to_teacher"][0] == 0).all() and (per_example["kl_to_teacher"][1] > 0).all()
+    # aggregate.py reads this format: the same evaluation twice has std 0, a zero-width interval
+    import aggregate
+
+    over_two = aggregate.main(["--evaluations", str(save), str(save), "--save", str(tmp_path / "agg")])
+    assert over_two["table"]["KD"]["nll"]["mean"] == pytest.approx(methods["KD"]["test"]["nll"])
+    assert over_two["table"]["KD"]["nll"]["std"] == 0 and over_two["table"]["KD x2"]["nll"]["n"] == 2
+    difference = methods["EDFM"]["test"]["nll"] - methods["KD"]["test"]["nll"]
+    seeds, images = (over_two["paired"]["KD"]["nll"][over] for over in ("seeds", "images"))
+    assert seeds["mean"] == pytest.approx(difference) and seeds["low"] == pytest.approx(seeds["high"])
+    assert images["mean"] == pytest.approx(difference, rel=1e-4) and images["n"] == 48
+    assert over_two["sweeps"]["members"]["x"] == [1, 3] and "Self" in over_two["paired"]
 
     # Nothing is overwritten.
     before = (save / "results.md").read_text()

@@ -148,7 +148,8 @@ def sweep_plot(path: str, curves: dict, xlabel: str, metrics=("acc", "nll", "kl_
                reference: dict | None = None, logx: bool = False, title: str | None = None) -> str:
     """Quality against a swept quantity (members, function evaluations), one panel per metric.
 
-    curves: label -> {"x": [...], metric: [...] for metric in metrics}.
+    curves: label -> {"x": [...], metric: [...] for metric in metrics}; an optional
+    `<metric>_std: [...]` shades mean ± std (a band over seeds).
     reference: optional {"label": str, metric: float} drawn as a horizontal dashed line
     (e.g. the teacher ensemble).
     """
@@ -164,7 +165,11 @@ def sweep_plot(path: str, curves: dict, xlabel: str, metrics=("acc", "nll", "kl_
             x, y = np.asarray(curve["x"], np.float64), np.asarray(curve[metric], np.float64)
             order = np.argsort(x)
             ax.plot(x[order], y[order], marker="o", color=_color(i), label=label)
-        if reference and metric in reference and np.isfinite(reference[metric]):
+            if f"{metric}_std" in curve:
+                std = np.asarray(curve[f"{metric}_std"], np.float64)[order]
+                ax.fill_between(x[order], y[order] - std, y[order] + std, color=_color(i), alpha=0.2,
+                                linewidth=0)
+        if reference and reference.get(metric) is not None and np.isfinite(reference[metric]):
             ax.axhline(reference[metric], color="gray", linestyle="--", linewidth=1,
                        label=reference.get("label", "reference"))
         if logx:
