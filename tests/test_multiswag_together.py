@@ -74,18 +74,59 @@ def alone(data):
     return states
 
 
-def test_runs_trained_together_export_the_runs_trained_alone(data, alone, tmp_path, monkeypatch):
-    """`sgd_swag.py --num_runs 2` (lax.map over the runs in one program on the CPU) through to
-    the exported teachers, against the runs trained one by one."""
+def one_device_mesh(devices=None):
+    return Mesh(np.asarray(jax.devices()[:1]), ("data",))
+
+
+@pytest.fixture(scope="module")
+def together(data, tmp_path_factory):
+    """The teacher folder of `sgd_swag.py --num_runs 2` (seeds 5 and 6, 2 epochs, uninterrupted)."""
     import utils.trainer
 
-    monkeypatch.setattr(utils.trainer, "make_mesh", lambda devices=None: Mesh(
-        np.asarray(jax.devices()[:1]), ("data",)))
-    folder = str(tmp_path / "teachers")
-    sgd_swag.main(tiny_argv() + ["--num_runs", "2", "--data_root", data[0], "--save", folder])
-    run_dirs = sorted(os.path.join(folder, d) for d in os.listdir(folder) if d.startswith("seed"))
+    folder = str(tmp_path_factory.mktemp("together") / "teachers")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utils.trainer, "make_mesh", one_device_mesh)
+        sgd_swag.main(tiny_argv() + ["--num_runs", "2", "--data_root", data[0], "--save", folder])
+    return folder
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    """Counts the calls of the runs' step that train_together compiles (one device); set
+    `steps.die_at = n` to raise KeyboardInterrupt at the n-th, as a killed job."""
+    import utils.trainer
+
+    real_make = utils.trainer.make_runs_train_step
+
+    class Steps(list):
+        die_at = None
+
+    calls = Steps()
+
+    def make(*args, **kwargs):
+        step = real_make(*args, **kwargs)
+
+        def counted(*step_args):
+            calls.append(1)
+            if len(calls) == calls.die_at:
+                raise KeyboardInterrupt
+            return step(*step_args)
+
+        return counted
+
+    monkeypatch.setattr(utils.trainer, "make_mesh", one_device_mesh)
+    monkeypatch.setattr(utils.trainer, "make_runs_train_step", make)
+    return calls
+
+
+def test_runs_trained_together_export_the_runs_trained_alone(together, alone):
+    """`sgd_swag.py --num_runs 2` (lax.map over the runs in one program on the CPU) through to
+    the exported teachers, against the runs trained one by one."""
+    run_dirs = sorted(os.path.join(together, d) for d in os.listdir(together) if d.startswith("seed"))
     assert [os.path.basename(d) for d in run_dirs] == ["seed5", "seed6"]
-    teachers = load_teachers(str(tmp_path / "teachers"), data_name="FashionMNIST_x28")
+    # The folder's own checkpoints/, best/, metrics.jsonl and config.yaml are not teacher runs.
+    assert {"checkpoints", "metrics.jsonl", "config.yaml"} <= set(os.listdir(together))
+    teachers = load_teachers(together, data_name="FashionMNIST_x28")
     assert teachers.num_runs == 2 and teachers.model.depth == 8
     assert [s["seed"] for s in teachers.sidecars] == [5, 6]
     assert all(s["num_snapshots"] == 3 and 0 <= s["val"]["acc"] <= 1 for s in teachers.sidecars)
@@ -98,6 +139,63 @@ def test_runs_trained_together_export_the_runs_trained_alone(data, alone, tmp_pa
                          exported[name], getattr(swag_state, name))
     means = [jax.tree.leaves(find_swag_state(state.opt_state).mean)[0] for state in alone]
     assert not np.allclose(means[0], means[1])  # two runs, not one twice
+
+
+def exports(folder) -> dict:
+    """{seed directory: the arrays of its export, flattened}."""
+    return {d: jax.tree.leaves(load_export(os.path.join(folder, d, "model"))[0])
+            for d in sorted(os.listdir(folder)) if d.startswith("seed")}
+
+
+def test_killed_runs_resume_to_the_uninterrupted_exports(data, together, steps, tmp_path, capsys):
+    """Killed at the first step of epoch 2 (3 steps an epoch), then `--resume DIR`: the resumed
+    job trains epoch 2 alone and exports the runs bit for bit as the uninterrupted job."""
+    from utils.logging import read_metrics
+
+    folder = str(tmp_path / "teachers")
+    steps.die_at = 4
+    with pytest.raises(SystemExit) as exit_info:
+        sgd_swag.main(tiny_argv() + ["--num_runs", "2", "--data_root", data[0], "--save", folder])
+    assert exit_info.value.code == 130
+    assert f"python sgd_swag.py --resume {folder}" in capsys.readouterr().err
+    assert not any(d.startswith("seed") for d in os.listdir(folder))  # nothing exported yet
+    assert [r["epoch"] for r in read_metrics(folder)] == [1]
+    with open(os.path.join(folder, "metrics.jsonl"), "a") as f:  # logged, killed before its checkpoint
+        f.write('{"epoch": 2, "step": 6}\n')
+
+    steps.clear()
+    steps.die_at = None
+    sgd_swag.main(["--resume", folder])
+    assert len(steps) == 3  # epoch 2 only: epoch 1 came from the checkpoint
+    assert "from epoch 1" in capsys.readouterr().out
+    resumed, uninterrupted = exports(folder), exports(together)
+    assert list(resumed) == ["seed5", "seed6"]
+    for seed_dir, arrays in uninterrupted.items():
+        assert len(arrays) == len(resumed[seed_dir])
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, resumed[seed_dir]))
+    records = read_metrics(folder)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert {f"seed{s}/train/{k}" for s in (5, 6) for k in ("loss", "nll", "acc")} <= set(record)
+        assert record["seed5/train/loss"] != record["seed6/train/loss"]
+    assert {"seed5/val/acc", "seed6/val/nll"} <= set(records[1])
+    by_epoch = {r["epoch"]: r for r in read_metrics(together)}
+    assert records[1]["seed6/train/loss"] == by_epoch[2]["seed6/train/loss"]
+
+
+def test_resuming_a_finished_folder_changes_nothing(together, steps, tmp_path, capsys):
+    import shutil
+
+    folder = str(tmp_path / "teachers")
+    shutil.copytree(together, folder)
+    files = lambda: {os.path.join(root, name): (open(os.path.join(root, name), "rb").read(),
+                                                os.stat(os.path.join(root, name)).st_mtime_ns)
+                     for root, _, names in os.walk(folder) for name in names if name != ".lock"}
+    before = files()
+    sgd_swag.main(["--resume", folder])
+    assert "is finished" in capsys.readouterr().out
+    assert steps == []  # no step trained
+    assert files() == before  # exports, logs, config and checkpoints as they were
 
 
 def toy_loss(params, model_state, frozen, batch, key):
