@@ -10,9 +10,10 @@
 # its backbone. Runs go to runs/paper/<method>_s<seed>, logs to runs/paper/<name>.log, finishing
 # times to runs/paper/times.txt.
 #
-# Two workers (one per core, XLA single-threaded in each: two multi-threaded processes on two
-# cores ran 2.5x slower) take the runs from one queue in the order below; a run waits for the
-# one it builds on (EDFM for its KD backbone). Resumable: a finished run is skipped, an
+# Two workers, each pinned to its own core (taskset; XLA's CPU runtime spreads ops over every
+# core it may use, and two unpinned runs on two cores ran 2.5x slower than one per core), take
+# the runs from one queue in the order below; a run waits for the one it builds on (EDFM for
+# its KD backbone). Resumable: a finished run is skipped, an
 # interrupted one continues from its last checkpoint (one every 100 steps), so the script can be
 # started again, with the same EPOCHS, in a later session.
 set -uo pipefail
@@ -84,5 +85,10 @@ worker() {  # take the first unclaimed run whose predecessor is finished, until 
     done
 }
 
-worker & worker & wait
+pinned_worker() {  # a worker whose runs use core $1 only (when taskset and that core exist)
+    taskset -cp "$1" $BASHPID > /dev/null 2>&1 || true
+    worker
+}
+
+pinned_worker 0 & pinned_worker 1 & wait
 echo "$(date -u +%FT%TZ) all done" >> runs/paper/times.txt
