@@ -66,7 +66,7 @@ from utils.data_loading import check_input_size
 from utils.driver import train_main
 from utils.errors import UserError
 from utils.method import Method, Run, Sweep, register
-from utils.optim import make_optimizer
+from utils.optim import make_optimizer, step_lr_schedule
 from utils.predict import Predictor, count_params
 from utils.trainer import TrainState, init_variables, masked_mean, prediction_metrics, steps_per_epoch
 
@@ -298,28 +298,6 @@ def logit_metrics(logits, labels, prefix: str = "", soft_labels=None):
 # ---------------------------------------------------------------------------------------------
 # Schedules and the optimizer
 # ---------------------------------------------------------------------------------------------
-def step_lr_schedule(base_lr: float, steps_per_epoch: int, warmup_epochs: int,
-                     decay_epochs, decay_rate: float, reference: bool = False):
-    """CIFAR stage 2, set per 1-based epoch e: base·e/warmup while e < warmup, then base, times
-    decay_rate for every decay epoch passed (e > 150: ×0.1, e > 180: ×0.01, ...). [Q1] fixed;
-    `reference`: as the reference, the LR stays at the last warm-up value base·(warmup−1)/warmup
-    from the end of warm-up to the first decay epoch."""
-    decay_epochs = list(decay_epochs) or [np.iinfo(np.int32).max]
-    first_decay = decay_epochs[0]
-    decay_epochs = jnp.asarray(decay_epochs, jnp.int32)
-
-    def schedule(step):
-        epoch = jnp.asarray(step) // steps_per_epoch + 1
-        warm = base_lr * epoch / max(warmup_epochs, 1)
-        decayed = base_lr * decay_rate ** jnp.sum(epoch > decay_epochs)
-        if reference:
-            stuck = base_lr * (warmup_epochs - 1) / max(warmup_epochs, 1)
-            decayed = jnp.where(epoch <= first_decay, stuck, decayed)
-        return jnp.where(epoch < warmup_epochs, warm, decayed).astype(jnp.float32)
-
-    return schedule
-
-
 def cosine_lr_schedule(base_lr: float, min_lr: float, steps_per_epoch: int, warmup_epochs: int,
                        num_epochs: int):
     """ImageNet / CC3M stage 2, per 0-based epoch e: base·(e+1)/warmup while e < warmup, then

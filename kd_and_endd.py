@@ -11,13 +11,17 @@ times), all run in one compiled forward under stop_gradient. The teacher moments
 the step as `frozen` arrays, not captured as constants, flattened to one vector per run so that
 the SWAG noise of all layers is one RNG call (utils.teachers.sample_teacher_logits).
 
-- baseline_method KD: the per-member KL at temperature dist_temp, averaged over members.
+- baseline_method KD: kd_weight × the per-member KL at temperature dist_temp (× T² for T ≥ 1),
+  averaged over members, plus ce_weight × the cross-entropy on the true labels (default 1 and 0:
+  the KL alone; CRD's KD recipe is 0.9 and 0.1, RepDistiller's `-r 0.1 -a 0.9`).
 - baseline_method ProxyEnDD: a Dirichlet student α = exp(z/T) + s_offset, loss recon − H/β per
   example; `endd_broadcast_bug: true` reproduces the reference's broadcast [Q6]. t_offset is
   accepted and unused, as in the reference [Q5].
 
-Optimizer (utils/optim.make_optimizer): SGD with momentum and L2 added to the gradient, linear
-warm-up from warmup_factor·lr over `warmup_steps` optimizer steps, then a cosine to 0.
+Optimizer (utils/optim.make_optimizer): SGD with momentum and L2 added to the gradient.
+`lr_schedule: cosine` (default): linear warm-up from warmup_factor·lr over `warmup_steps` optimizer
+steps, then a cosine to 0; `step`: lr × lr_decay_rate for every epoch of lr_decay_epochs that the
+1-based epoch is past, no warm-up (RepDistiller's adjust_learning_rate).
 Losses are masked means over the real rows of a batch (the reference's are unmasked; its
 training batches are never padded, so nothing changes there).
 
@@ -35,7 +39,7 @@ ResNet arrays and spec plus s_offset and dist_temp). `load_predictor` reads both
 """
 import dataclasses
 import math
-from typing import Optional
+from typing import List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +53,7 @@ from utils.driver import load_teachers_checked, train_main
 from utils.errors import UserError
 from utils.method import Method, Run, register
 from utils.predict import Predictor, count_params, resnet_predictor
-from utils.optim import make_optimizer, warmup_cosine
+from utils.optim import make_optimizer, step_lr_schedule, warmup_cosine
 from utils.teachers import sample_teacher_logits
 from utils.trainer import (TrainState, init_variables, masked_mean, prediction_metrics,
                            steps_per_epoch)
@@ -66,7 +70,13 @@ class DistillConfig(StudentConfig):
     optim_weight_decay: float = 1e-3
     warmup_factor: float = 0.01  # the warm-up's starting fraction of optim_lr
     warmup_steps: int = 0  # optimizer steps, not epochs (as the reference)
+    lr_schedule: str = "cosine"  # cosine (warm-up, then a cosine to 0) | step (CRD's, no warm-up)
+    lr_decay_epochs: List[int] = dataclasses.field(  # step: lr × lr_decay_rate after each of these
+        default_factory=lambda: [150, 180, 210])  # 1-based epochs (from epoch 151 on, ...)
+    lr_decay_rate: float = 0.1  # step schedule factor
     dist_temp: float = 1.0  # temperature T of the distillation loss
+    kd_weight: float = 1.0  # KD: weight of the KL term (CRD: 0.9)
+    ce_weight: float = 0.0  # KD: weight of the cross-entropy on the true labels (CRD: 0.1)
     s_offset: float = 1.0  # ProxyEnDD: α = exp(z/T) + s_offset
     t_offset: float = 1.0  # ProxyEnDD: accepted and unused, as in the reference [Q5]
     eps: float = 1e-8  # ProxyEnDD: added inside every lnΓ and ψ
@@ -83,6 +93,11 @@ class DistillConfig(StudentConfig):
         checks = [("num_teachers", self.num_teachers >= 1, ">= 1"),
                   ("warmup_factor", 0 <= self.warmup_factor <= 1, "in [0, 1]"),
                   ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                  ("lr_schedule", self.lr_schedule in ("cosine", "step"), "cosine or step"),
+                  ("lr_decay_rate", self.lr_decay_rate > 0, "> 0"),
+                  ("lr_decay_epochs", all(e >= 1 for e in self.lr_decay_epochs), "epochs >= 1"),
+                  ("kd_weight", self.kd_weight >= 0, ">= 0"),
+                  ("ce_weight", self.ce_weight >= 0, ">= 0"),
                   ("dist_temp", self.dist_temp > 0, "> 0"),
                   ("s_offset", self.s_offset >= 0, ">= 0"),
                   ("eps", self.eps >= 0, ">= 0"),
@@ -90,6 +105,36 @@ class DistillConfig(StudentConfig):
         for key, ok, rule in checks:
             if not ok:
                 raise UserError(f"config key {key} must be {rule}, got {getattr(self, key)}")
+        if self.baseline_method == "ProxyEnDD" and (self.ce_weight != 0 or self.kd_weight != 1):
+            raise UserError(f"ce_weight and kd_weight are KD's loss weights; ProxyEnDD takes "
+                            f"ce_weight 0 and kd_weight 1, got {self.ce_weight} and {self.kd_weight}")
+        if self.ce_weight and self.mixup_alpha > 0:
+            # mixup gives only the dominant label of a mixed image, not its mixed target
+            raise UserError(f"ce_weight > 0 needs the true labels: set mixup_alpha 0 "
+                            f"(now {self.mixup_alpha})")
+        if self.lr_schedule == "step" and self.warmup_steps:
+            raise UserError(f"lr_schedule step has no warm-up (CRD's has none): set warmup_steps 0 "
+                            f"(now {self.warmup_steps})")
+
+
+def kd_objective(logits, teacher_logits, labels, mask, config: DistillConfig):
+    """kd_weight · KL(p_T^τ ‖ p_S^τ)·τ² averaged over the members, plus ce_weight · CE on the
+    labels, both masked means over the batch: at one member, CRD's γ·CE + α·loss_div."""
+    loss = config.kd_weight * losses.kd_loss(logits, teacher_logits, config.dist_temp, mask=mask)
+    if config.ce_weight:  # a Python branch: the default graph (KL alone) stays as it was
+        log_probs = jax.nn.log_softmax(logits)
+        cross_entropy = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+        loss = loss + config.ce_weight * masked_mean(cross_entropy, mask)
+    return loss
+
+
+def learning_rate_schedule(config: DistillConfig, steps: int):
+    """The step-indexed LR of `lr_schedule`, `steps` optimizer steps per epoch."""
+    if config.lr_schedule == "step":
+        return step_lr_schedule(config.optim_lr, steps, 0, config.lr_decay_epochs,
+                                config.lr_decay_rate)
+    return warmup_cosine(config.optim_lr, config.optim_ne * steps, config.warmup_steps,
+                         config.warmup_factor)
 
 
 def make_loss_fn(model, teacher_model, config: DistillConfig):
@@ -105,7 +150,7 @@ def make_loss_fn(model, teacher_model, config: DistillConfig):
                                       mutable=list(model_state))
         mask = batch["mask"]
         if config.baseline_method == "KD":
-            loss = losses.kd_loss(logits, teacher_logits, temperature, mask=mask)
+            loss = kd_objective(logits, teacher_logits, labels, mask, config)
             log_probs = jax.nn.log_softmax(logits)
         else:
             loss = losses.proxy_endd_loss(logits, teacher_logits, temperature=temperature,
@@ -166,8 +211,7 @@ def build(config: DistillConfig, dataset) -> Run:
                                dtype=jnp.dtype(config.dtype))
     params, model_state = init_variables(model, jax.random.PRNGKey(config.seed), dataset.image_shape)
     steps = steps_per_epoch(len(dataset.train), config.optim_bs)
-    schedule = warmup_cosine(config.optim_lr, config.optim_ne * steps, config.warmup_steps,
-                             config.warmup_factor)
+    schedule = learning_rate_schedule(config, steps)
     optimizer = make_optimizer(config, schedule)
     return Run(state=TrainState.create(params, optimizer, model_state),
                loss_fn=make_loss_fn(model, teachers.model, config),

@@ -96,10 +96,16 @@ def test_config_validation():
     assert parse_config(DistillConfig, base).num_teachers == 30
     bad = [["--baseline_method", "EnDD"], ["--optim_lr", "-1"], ["--num_teachers", "0"],
            ["--optim_momentum", "1.0"], ["--warmup_factor", "2"], ["--dist_temp", "0"],
-           ["--optim", "rmsprop"], ["--num_teachers", "x"]]
+           ["--optim", "rmsprop"], ["--num_teachers", "x"], ["--lr_schedule", "cos"],
+           ["--lr_decay_rate", "0"], ["--lr_decay_epochs", "[0, 10]"], ["--kd_weight", "-1"],
+           ["--ce_weight", "0.1"],  # the default mixup_alpha 0.4: no true labels for the CE
+           ["--lr_schedule", "step", "--warmup_steps", "10"]]
     for extra in bad:
         with pytest.raises(UserError):
             parse_config(DistillConfig, base + extra)
+    crd = parse_config(DistillConfig, base + ["--ce_weight", "0.1", "--mixup_alpha", "0",
+                                              "--lr_schedule", "step"])
+    assert (crd.ce_weight, crd.kd_weight, crd.lr_decay_epochs) == (0.1, 1.0, [150, 180, 210])
     endd = parse_config(DistillConfig, ["--baseline_method", "ProxyEnDD", "--select_metric", "ens_nll",
                                         "--t_offset", "3"])
     assert endd.t_offset == 3.0 and endd.select_metric == "ens_nll"
@@ -110,6 +116,114 @@ def test_config_validation():
             assert config.baseline_method == ("KD" if name == "kd" else "ProxyEnDD")
             with open(path) as f:
                 assert f.readline().startswith("#")
+
+
+# ------------------------------------------------ CRD's KD recipe (RepDistiller train_student.py)
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_kd_objective_is_crds_kd_loss():
+    """ce_weight 0.1, kd_weight 0.9, one teacher: RepDistiller's `-r 0.1 -a 0.9` loss, 0.1 ·
+    CrossEntropyLoss + 0.9 · DistillKL(4), DistillKL being kl_div(log_softmax(s/T),
+    softmax(t/T), summed)·T²/B; the defaults give the KL term alone; padded rows count for nothing."""
+    from kd_and_endd import DistillConfig, kd_objective
+    from utils.config import parse_config
+
+    rng = np.random.default_rng(0)
+    batch, classes, temp = 16, 100, 4.0
+    student, teacher = 3 * rng.normal(size=(2, batch, classes))
+    labels = rng.integers(0, classes, batch)
+    p_teacher = np.exp(_log_softmax(teacher / temp))
+    loss_div = np.sum(p_teacher * (np.log(p_teacher) - _log_softmax(student / temp))) * temp**2 / batch
+    loss_cls = -np.mean(_log_softmax(student)[np.arange(batch), labels])
+
+    def objective(args, pad=0):
+        """kd_objective on the batch plus `pad` masked rows of other logits and labels."""
+        config = parse_config(DistillConfig, ["--dist_temp", "4", "--mixup_alpha", "0", *args])
+        s = np.concatenate([student, student[:pad] + 7])
+        t = np.concatenate([teacher, -teacher[:pad]])
+        y = np.concatenate([labels, (labels[:pad] + 1) % classes])
+        mask = np.arange(batch + pad) < batch
+        return float(kd_objective(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32)[None],
+                                  jnp.asarray(y), jnp.asarray(mask), config))
+
+    crd = ["--ce_weight", "0.1", "--kd_weight", "0.9"]
+    np.testing.assert_allclose(objective(crd), 0.1 * loss_cls + 0.9 * loss_div, rtol=1e-5)
+    np.testing.assert_allclose(objective(crd, pad=5), 0.1 * loss_cls + 0.9 * loss_div, rtol=1e-5)
+    np.testing.assert_allclose(objective([]), loss_div, rtol=1e-5)
+
+
+def test_step_schedule_is_repdistillers_adjust_learning_rate():
+    """lr_schedule step, per optimizer step, equals RepDistiller's SGD learning rate: before each
+    1-based epoch it calls adjust_learning_rate, which sets lr = lr0·rate^steps with
+    steps = Σ(epoch > lr_decay_epochs) when steps > 0 and otherwise leaves lr as it is."""
+    import kd_and_endd
+    from utils.config import parse_config
+    from utils.optim import warmup_cosine
+
+    spe, epochs, lr0 = 3, 240, 0.05
+    config = parse_config(kd_and_endd.DistillConfig, ["--lr_schedule", "step", "--optim_lr", str(lr0),
+                                                      "--optim_ne", str(epochs)])
+    schedule = jax.jit(jax.vmap(kd_and_endd.learning_rate_schedule(config, spe)))
+    per_step = np.asarray(schedule(jnp.arange(epochs * spe)))
+
+    lr, expected = lr0, []  # the optimizer's lr, as train_student.py's epoch loop changes it
+    for epoch in range(1, epochs + 1):
+        steps = np.sum(epoch > np.asarray([150, 180, 210]))
+        if steps > 0:
+            lr = lr0 * 0.1**steps
+        expected += [lr] * spe
+    np.testing.assert_allclose(per_step, expected, rtol=1e-6)
+    # the first decay is at the first step of 1-based epoch 151 (0-based step 150·spe)
+    np.testing.assert_allclose(per_step[[150 * spe - 1, 150 * spe]], [lr0, lr0 / 10], rtol=1e-6)
+
+    default = parse_config(kd_and_endd.DistillConfig, ["--optim_lr", str(lr0), "--optim_ne", "10"])
+    cosine = warmup_cosine(lr0, 10 * spe, 0, 0.01)
+    for step in (0, 7, 29):  # the default is the cosine, as before
+        assert float(kd_and_endd.learning_rate_schedule(default, spe)(step)) == float(cosine(step))
+
+
+def test_shipped_c100_kd_configs_are_crds_recipe():
+    """Every kd_c100_<pair>.yaml (GenDD's pairs; not the MultiSWAG kd_c100_frnrelu.yaml) is
+    RepDistiller's `--distill kd -r 0.1 -a 0.9 -b 0` on all 50000 images, last epoch."""
+    import glob
+
+    from kd_and_endd import DistillConfig
+    from utils.config import parse_config
+
+    paths = [p for p in sorted(glob.glob(os.path.join(ROOT, "config", "distillation", "kd_c100_*.yaml")))
+             if not p.endswith("kd_c100_frnrelu.yaml")]
+    assert len(paths) == 14
+    for path in paths:
+        c = parse_config(DistillConfig, ["--config", path])
+        assert (c.baseline_method, c.num_teachers, c.dist_temp, c.ce_weight, c.kd_weight) == (
+            "KD", 1, 4.0, 0.1, 0.9), path
+        assert (c.lr_schedule, c.lr_decay_epochs, c.lr_decay_rate, c.warmup_steps) == (
+            "step", [150, 180, 210], 0.1, 0), path
+        assert (c.optim, c.optim_bs, c.optim_ne, c.optim_momentum, c.optim_weight_decay) == (
+            "sgd", 64, 240, 0.9, 5e-4), path
+        # train_student.py: lr 0.01 for MobileNetV2 (the zoo's mobile_half) and ShuffleV1/V2
+        small = c.model_arch in ("mobile_half", "ShuffleV1", "ShuffleV2")
+        assert c.optim_lr == (0.01 if small else 0.05), path
+        assert (c.mixup_alpha, c.randaugment, c.crop_padding, c.flip) == (0.0, False, 4, True), path
+        assert c.train_on_val and c.select_metric is None, path
+
+
+def test_proxy_endd_refuses_kd_loss_weights(tmp_path, capsys):
+    import kd_and_endd
+
+    for extra in (["--ce_weight", "0.1", "--mixup_alpha", "0"], ["--kd_weight", "0.9"]):
+        with pytest.raises(SystemExit) as exit_info:
+            kd_and_endd.main(["--baseline_method", "ProxyEnDD", *extra, "--save", str(tmp_path / "x"),
+                              "--teacher_dir", str(tmp_path / "none")])  # refused before reading it
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "ce_weight" in err and "ProxyEnDD" in err
+    assert not os.path.exists(tmp_path / "x")
 
 
 # ---------------------------------------------------------------------- end to end (tiny)
@@ -213,15 +327,20 @@ def test_select_metric_must_be_a_validation_metric(tiny_setup, tmp_path, capsys)
 @pytest.mark.slow
 def test_train_on_val_trains_on_both_splits_and_exports_the_last_epoch(tiny_setup, tmp_path):
     """train_on_val: the val images join the training set (more steps per epoch), nothing is
-    validated, and the export is the last epoch's state."""
+    validated, and the export is the last epoch's state. The full run is in the kd_c100 configs'
+    CRD form (step LR, which has not decayed by its one epoch's end; 0.1 CE + 0.9 KL)."""
     import kd_and_endd
     from utils.logging import read_metrics
 
+    crd = ["--lr_schedule", "step", "--optim_lr", "0.05", "--ce_weight", "0.1", "--kd_weight", "0.9",
+           "--mixup_alpha", "0"]
     runs = {}
-    for name, extra in (("split", []), ("full", ["--train_on_val", "true", "--select_metric", "null"])):
+    for name, extra in (("split", []),
+                        ("full", ["--train_on_val", "true", "--select_metric", "null", *crd])):
         run_dir = tmp_path / name
         kd_and_endd.main(["--config", os.path.join(ROOT, "config/distillation/kd_fmnist_frnrelu.yaml"),
                           *_common_args(tiny_setup, run_dir), *extra])
         runs[name] = read_metrics(run_dir)[-1]
     assert runs["full"]["step"] > runs["split"]["step"]
     assert "val/acc" in runs["split"] and not any(k.startswith("val/") for k in runs["full"])
+    assert runs["full"]["train/lr"] == pytest.approx(0.05) and np.isfinite(runs["full"]["train/loss"])

@@ -1,4 +1,6 @@
 """The optimizer every script builds from its config (optax), and the schedules they share."""
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -45,3 +47,26 @@ def epoch_piecewise(base_lr: float, steps_per_epoch: int, boundaries_and_scales:
     return optax.piecewise_constant_schedule(
         base_lr, {int(epoch) * steps_per_epoch: float(scale)
                   for epoch, scale in boundaries_and_scales.items()})
+
+
+def step_lr_schedule(base_lr: float, steps_per_epoch: int, warmup_epochs: int,
+                     decay_epochs, decay_rate: float, reference: bool = False):
+    """Set per 1-based epoch e: base·e/warmup while e < warmup, then base, times decay_rate for
+    every decay epoch passed (e > 150: ×0.1, e > 180: ×0.01, ...). GenDD's CIFAR stage 2 ([Q1]
+    fixed; `reference`: as GenDD's reference, the LR stays at the last warm-up value
+    base·(warmup−1)/warmup from the end of warm-up to the first decay epoch). With warmup 0 it is
+    RepDistiller's adjust_learning_rate, base·rate^Σ(e > decay epochs) (KD's `lr_schedule: step`)."""
+    decay_epochs = list(decay_epochs) or [np.iinfo(np.int32).max]
+    first_decay = decay_epochs[0]
+    decay_epochs = jnp.asarray(decay_epochs, jnp.int32)
+
+    def schedule(step):
+        epoch = jnp.asarray(step) // steps_per_epoch + 1
+        warm = base_lr * epoch / max(warmup_epochs, 1)
+        decayed = base_lr * decay_rate ** jnp.sum(epoch > decay_epochs)
+        if reference:
+            stuck = base_lr * (warmup_epochs - 1) / max(warmup_epochs, 1)
+            decayed = jnp.where(epoch <= first_decay, stuck, decayed)
+        return jnp.where(epoch < warmup_epochs, warm, decayed).astype(jnp.float32)
+
+    return schedule
