@@ -204,11 +204,11 @@ def write_plots(save: str, sweeps: dict, table: dict, against: str) -> list:
         for m in SWEEP_METRICS:
             curve[m] = [s["mean"] if s["mean"] is not None else np.nan for s in sweep[m]]
             curve[f"{m}_std"] = [s["std"] or 0.0 for s in sweep[m]]
-        name = f"{against}_{sweep_name}".lower().replace(" ", "_") + ".png"
+        name = plots.sweep_file_name(against, sweep_name)
         xs = sweep["x"]
         plots.sweep_plot(os.path.join(save, name), {f"{against} (mean ± std, n = {sweep['n']})": curve},
                          sweep["x_label"], SWEEP_METRICS, reference=reference,
-                         logx=len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 16,
+                         logx=plots.wide_range(xs),
                          title=f"{against}: {sweep_name} over {sweep['n']} seeds")
         names.append(name)
     return names

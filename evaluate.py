@@ -570,12 +570,12 @@ def write_plots(run_dir: str, results: dict, reliability: dict, sweeps: dict, te
     for student, by_name in sweeps.items():
         for sweep_name, sweep in by_name.items():
             points = sweep["points"]
-            name = f"{student}_{sweep_name}".lower().replace(" ", "_") + ".png"
+            name = plots.sweep_file_name(student, sweep_name)
             curve = {"x": [p["x"] for p in points], **{k: [p[k] for p in points] for k in keys}}
             xs = curve["x"]
             plots.sweep_plot(os.path.join(run_dir, name), {student: curve}, sweep["x_label"], keys,
                              reference=reference,
-                             logx=len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 16,
+                             logx=plots.wide_range(xs),
                              title=f"{student}: quality against {sweep['x_label']}")
             names.append(name)
     return names

@@ -144,6 +144,16 @@ def diversity_vs_accuracy(path: str, methods: dict, diversity_keys=("mi", "var")
     return _save(fig, path)
 
 
+def sweep_file_name(student: str, sweep_name: str) -> str:
+    """The PNG name of a student's sweep (e.g. "edfm_heun_exp_steps.png")."""
+    return f"{student}_{sweep_name}".lower().replace(" ", "_") + ".png"
+
+
+def wide_range(xs) -> bool:
+    """Whether swept values span enough (16x, all positive) to read better on a log2 axis."""
+    return len(xs) > 2 and min(xs) > 0 and max(xs) / min(xs) >= 16
+
+
 def sweep_plot(path: str, curves: dict, xlabel: str, metrics=("acc", "nll", "kl_to_teacher"),
                reference: dict | None = None, logx: bool = False, title: str | None = None) -> str:
     """Quality against a swept quantity (members, function evaluations), one panel per metric.
