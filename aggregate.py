@@ -28,9 +28,9 @@ import os
 import numpy as np
 from scipy import stats
 
-from evaluate import _fmt, _refuse_existing, markdown_table
 from utils import plots
 from utils.errors import UserError, cli_main
+from utils.reporting import fmt, markdown_table, refuse_existing
 
 # (header, key in results["methods"][name]["test"], format)
 COLUMNS = (("Acc (%)", "acc", "pct"), ("NLL", "nll", "f4"), ("ECE (%)", "ece", "pct"),
@@ -146,8 +146,8 @@ def sweeps_over_seeds(evaluations: list, against: str) -> dict:
 def _cell(stat: dict, kind: str) -> str:
     if stat["mean"] is None:
         return "—"
-    text = _fmt(stat["mean"], kind)
-    return text if stat["std"] is None else f"{text} ± {_fmt(stat['std'], kind)}"
+    text = fmt(stat["mean"], kind)
+    return text if stat["std"] is None else f"{text} ± {fmt(stat['std'], kind)}"
 
 
 def _interval_cell(stat: dict) -> str:
@@ -183,7 +183,7 @@ def write_markdown(path: str, evaluations: list, table: dict, paired: dict, swee
                 for name in ("Teacher", against)]
         ratio = [table[against][k]["mean"] / table["Teacher"][k]["mean"]
                  if table[against][k]["mean"] and table["Teacher"][k]["mean"] else None for k in ("amb", "mi")]
-        rows.append([f"ratio {against} / teacher"] + [_fmt(r, "f4") if r is None else f"{r:.2f}" for r in ratio])
+        rows.append([f"ratio {against} / teacher"] + [fmt(r, "f4") if r is None else f"{r:.2f}" for r in ratio])
         lines += [markdown_table(["", "AMB", "MI"], rows), ""]
     for sweep_name, sweep in sweeps.items():
         lines += [f"## {against}: {sweep_name} (n = {sweep['n']})", ""]
@@ -215,7 +215,7 @@ def write_plots(save: str, sweeps: dict, table: dict, against: str) -> list:
 
 
 def aggregate(evaluation_dirs: list, against: str, save: str) -> dict:
-    _refuse_existing(save)
+    refuse_existing(save)
     evaluations = [load_evaluation(path) for path in evaluation_dirs]
     check_comparable(evaluations)
     if not any(against in e["results"]["methods"] for e in evaluations):

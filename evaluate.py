@@ -84,6 +84,7 @@ from utils.errors import UserError, cli_main
 from utils.evaluation import check_classes, ensemble_summary, ood_aurocs, uncertainty_scores
 from utils.method import register_config
 from utils.predict import Runner, check_options, ensemble_predictor, load_predictor
+from utils.reporting import fmt, markdown_table, refuse_existing
 from utils.teachers import configured_teacher, find_teacher_runs
 from utils.trainer import make_mesh
 
@@ -244,13 +245,6 @@ def parse_evaluate_config(argv) -> EvaluateConfig:
     return config
 
 
-def _refuse_existing(save: Optional[str]):
-    """prepare_run_dir's rule, checked before the (long) evaluation rather than after it."""
-    if save and os.path.isdir(save) and os.listdir(save):
-        what = "results.md" if os.path.exists(os.path.join(save, "results.md")) else "files"
-        raise UserError(f"{save} already holds {what}; not overwriting it: choose another --save")
-
-
 register_config("evaluate/*", lambda argv: parse_evaluate_config(argv))
 
 
@@ -385,29 +379,6 @@ def run_sweeps(spec: dict, method, test, teacher_logits, config: EvaluateConfig,
 
 
 # ------------------------------------------------------------------------------------- tables
-def _fmt(value, kind: str = "f4") -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return "—"
-    if kind == "pct":
-        return f"{100 * value:.2f}"
-    if kind == "int":
-        return str(int(value))
-    if kind == "si":
-        for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-            if abs(value) >= scale:
-                return f"{value / scale:.3g}{unit}"
-        return f"{value:.3g}"
-    if kind == "ms":
-        return f"{1e3 * value:.1f}"
-    return f"{value:.4f}"
-
-
-def markdown_table(headers, rows) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 # test metrics that only some evaluations have: top-5 (more than 5 classes), the shot groups
 OPTIONAL_TEST_COLUMNS = (("Top-5 (%)", "top5"), ("Many-shot acc (%)", "many_acc"),
                          ("Medium-shot acc (%)", "medium_acc"), ("Few-shot acc (%)", "few_acc"))
@@ -445,7 +416,7 @@ def main_columns(latency_bs: int, results: Optional[dict] = None):
 
 def main_table(results: dict, latency_bs: int) -> str:
     columns = main_columns(latency_bs, results)
-    rows = [[name] + [_fmt(get(r), kind) for _, get, kind in columns] for name, r in results.items()]
+    rows = [[name] + [fmt(get(r), kind) for _, get, kind in columns] for name, r in results.items()]
     return markdown_table(["Method"] + [h for h, _, _ in columns], rows)
 
 
@@ -464,12 +435,12 @@ def shift_tables(results: dict, shift_names) -> list[str]:
             severity.setdefault(int(level), []).append(name)
     if severity:
         levels = sorted(severity)
-        rows = [[method] + [_fmt(np.mean([r["shift"][s]["acc"] for s in severity[k]]), "pct")
+        rows = [[method] + [fmt(np.mean([r["shift"][s]["acc"] for s in severity[k]]), "pct")
                             for k in levels] for method, r in results.items()]
         parts.append("### Mean accuracy (%) by corruption severity\n\n" + markdown_table(
             ["Method"] + [f"severity {k} ({len(severity[k])} sets)" for k in levels], rows))
     for name in shift_names:
-        rows = [[method] + [_fmt(r["shift"][name].get(key), kind) for _, key, kind in SHIFT_COLUMNS]
+        rows = [[method] + [fmt(r["shift"][name].get(key), kind) for _, key, kind in SHIFT_COLUMNS]
                 for method, r in results.items()]
         parts.append(f"### {name}\n\n" + markdown_table(["Method"] + [h for h, _, _ in SHIFT_COLUMNS],
                                                          rows))
@@ -484,7 +455,7 @@ def ood_table(results: dict, ood_names) -> str:
     for method, r in results.items():
         row = [method]
         for name in ood_names:
-            row += [_fmt(r["ood"][name]["auroc_entropy"], "pct"), _fmt(r["ood"][name]["auroc_mi"], "pct")]
+            row += [fmt(r["ood"][name]["auroc_entropy"], "pct"), fmt(r["ood"][name]["auroc_mi"], "pct")]
         rows.append(row)
     return markdown_table(headers, rows)
 
@@ -495,8 +466,8 @@ def sweep_tables(sweeps: dict) -> list[str]:
     for student, by_name in sweeps.items():
         for sweep_name, sweep in by_name.items():
             rows = [[p["x"], ", ".join(f"{k}={v}" for k, v in p["options"].items()), p["num_members"],
-                     _fmt(p["acc"], "pct"), _fmt(p["nll"]), _fmt(p["kl_to_teacher"]),
-                     _fmt(p["agreement"], "pct"), _fmt(p["mi"])] for p in sweep["points"]]
+                     fmt(p["acc"], "pct"), fmt(p["nll"]), fmt(p["kl_to_teacher"]),
+                     fmt(p["agreement"], "pct"), fmt(p["mi"])] for p in sweep["points"]]
             parts.append(f"### {student}: {sweep_name}\n\n" + markdown_table(
                 [sweep["x_label"], "Options", "Members", "Acc (%)", "NLL", "KL to teacher",
                  "Agreement (%)", "MI"], rows))
@@ -630,7 +601,7 @@ def _registry_shift_sets(config, dataset, test, log) -> ShiftSets:
 
 def evaluate(config: EvaluateConfig, log=print) -> dict:
     """The whole evaluation; returns {run_dir, results, sweeps, ...} (also written to disk)."""
-    _refuse_existing(config.save)
+    refuse_existing(config.save)
     find_teacher_runs(config.teacher_dir)  # the cheap checks first: paths, scripts, options
     methods = {spec["name"]: _check_student(spec) for spec in config.students}
     wall = time.perf_counter()
