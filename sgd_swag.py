@@ -13,30 +13,28 @@ a `resnet`), e.g. a GenDD teacher.
 
 `--num_runs R --save DIR` trains the R runs of seeds seed, ..., seed+R-1 together in one compiled
 step into the teacher folder DIR (`DIR/seed<s>/model/`; train_together), with per-epoch
-checkpoints and logs in DIR itself; `--resume DIR` continues it.
+checkpoints and logs in DIR itself (the shared Trainer over the stacked runs); `--resume DIR` continues it.
 """
 import dataclasses
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from data.augment import eval_images, training_images
 from models.resnet import resnet_from_config, resnet_spec
 from models.swag import find_swag_state, swag, swag_std
-from utils.checkpoints import RunLock, resnet_export
-from utils.config import CommonConfig, parse_config, prepare_run_dir
+from utils.checkpoints import SIDECAR, RunLock, resnet_export, save_export
+from utils.config import CommonConfig, parse_config, prepare_run_dir, save_config
 from utils.data_loading import load_data
 from utils.driver import out_of_memory, train
 from utils.errors import UserError, cli_main
 from utils.method import Method, Run, register
 from utils.optim import make_optimizer
 from utils.teachers import TEACHER_KIND, ensemble_logits, members_from_runs, teacher_predictor
-from utils.trainer import (TrainState, init_variables, masked_mean, prediction_metrics,
-                           steps_per_epoch)
+from utils.trainer import (Trainer, TrainState, init_variables, masked_mean, prediction_metrics,
+                           stack_runs, steps_per_epoch)
 
 
 @dataclasses.dataclass
@@ -166,109 +164,51 @@ def build(config: SwagConfig, dataset) -> Run:
                export=lambda state, val: export_teacher(model, config, state))
 
 
-def validate_runs(evaluate, states, seeds, val, batch_size: int, epoch: int) -> list[dict]:
-    """Each run's validation metrics after epoch `epoch` (0-based), with the key its single run
-    uses there (the Trainer's); one run's state sliced out at a time."""
-    if not len(val):
-        return [{} for _ in seeds]
-    return [evaluate(jax.tree.map(lambda leaf, r=r: leaf[r], states), None, val,
-                     batch_size=batch_size, key=jax.random.fold_in(jax.random.PRNGKey(seed + 1), epoch))
-            for r, seed in enumerate(seeds)]
-
-
-def epoch_record(seeds, epoch: int, step: int, sums: dict, num_steps: int, lr_schedule) -> dict:
-    """The log record of an epoch of R runs from the sums over its steps of each step metric
-    (host arrays [R]); refuses a non-finite mean, before that epoch is checkpointed."""
-    record = {"epoch": epoch + 1, "step": step,
-              **{f"seed{s}/train/{k}": float(v[r]) / num_steps
-                 for r, s in enumerate(seeds) for k, v in sums.items()},
-              "train/lr": float(lr_schedule(step - 1))}  # the epoch's last update
-    bad = sorted(k for k, v in record.items() if not np.isfinite(v))
-    if bad:
-        raise UserError(f"training stopped in epoch {epoch + 1}: non-finite {', '.join(bad)}; the "
-                        f"checkpoints already saved are kept; lower optim_lr or check the data")
-    return record
-
-
 def train_together(config: SwagConfig, dataset, num_runs: int, save_dir: str, vectorize=None,
                    mesh=None) -> list:
     """MultiSWAG runs trained together: R = num_runs runs of seeds config.seed, config.seed+1, ...
     (each its own initialisation, data order, step keys and SWAG moments) in one compiled step,
-    vmapped over the runs on accelerators (utils.trainer.make_runs_train_step; `vectorize`).
-    Each run equals the single run of its seed; it is validated every eval_every epochs and
-    after the last, and exported to `<save_dir>/seed<s>/model/` exactly as that run would be.
+    vmapped over the runs on accelerators (the Trainer over runs; `vectorize`). Each run equals
+    the single run of its seed; it is validated every eval_every epochs and after the last, and
+    exported to `<save_dir>/seed<s>/model/` exactly as that run would be.
 
     `save_dir` is the teacher folder and also the job's run directory: `config.yaml`,
     `metrics.jsonl` (one record per epoch, keys `seed<s>/train/<metric>`, `seed<s>/val/<metric>`)
-    and `checkpoints/` (the stacked states, leading axis R, saved after every epoch). Teacher
-    discovery looks only for `<save_dir>/*/model/`, so these do not count as runs. Training
-    continues from the latest checkpoint (bit for bit as if uninterrupted); a folder whose epochs
-    are all done and whose runs are all exported is left untouched. Returns the run directories."""
-    from utils.checkpoints import SIDECAR, RunCheckpoints, save_export
-    from utils.config import save_config
-    from utils.logging import RunLogger
-    from utils.trainer import (make_evaluator, make_mesh, make_runs_train_step, put_replicated,
-                               replicated, runs_epoch_order, stack_runs, to_global)
-
+    and `checkpoints/` (the stacked states, leading axis R). Teacher discovery looks only for
+    `<save_dir>/*/model/`, so these do not count as runs. Training continues from the latest
+    checkpoint (bit for bit as if uninterrupted); a folder whose epochs are all done and whose
+    runs are all exported is left untouched. Returns the run directories."""
     seeds = [config.seed + r for r in range(num_runs)]
     configs = [dataclasses.replace(config, seed=seed) for seed in seeds]
     runs = [build(c, dataset) for c in configs]
     run_dirs = [os.path.join(save_dir, f"seed{seed}") for seed in seeds]
-    mesh = make_mesh() if mesh is None else mesh
-    checkpoints = RunCheckpoints(save_dir, keep=config.keep_checkpoints)
+    exported = [os.path.exists(os.path.join(d, "model", SIDECAR)) for d in run_dirs]
+    finished = lambda epoch: epoch >= config.optim_ne and all(exported)
+    trainer = Trainer.for_run(save_dir, config, optimizer=runs[0].optimizer, loss_fn=runs[0].loss_fn,
+                              eval_fn=runs[0].eval_fn, lr_schedule=runs[0].lr_schedule, mesh=mesh,
+                              select_metric=None, run_seeds=seeds, vectorize=vectorize)
+    # The config is written once the checkpoint has been read (a failed resume writes nothing),
+    # and not at all into a finished folder.
+    on_start = lambda epoch: None if finished(epoch) else save_config(config, save_dir)
     try:
-        states, done = put_replicated(stack_runs([run.state for run in runs]), mesh), 0
-        restored = checkpoints.restore_latest(states)
-        if restored is not None:
-            states, done = put_replicated(restored[0], mesh), restored[1]["epoch"]
-        exported = [os.path.exists(os.path.join(d, "model", SIDECAR)) for d in run_dirs]
-        if done >= config.optim_ne and all(exported):
-            print(f"sgd_swag: {save_dir} is finished ({done} epochs, {num_runs} runs exported); "
-                  f"nothing trained or overwritten")
+        val = dataset.val if len(dataset.val) else None  # train_on_val: no validation
+        states = trainer.fit(stack_runs([run.state for run in runs]), dataset.train, val,
+                             on_start=on_start)
+        if not trainer.trained_epochs and all(exported):
+            print(f"sgd_swag: {save_dir} is finished ({config.optim_ne} epochs, {num_runs} runs "
+                  f"exported); nothing trained or overwritten")
             return run_dirs
-        if restored is not None:
-            print(f"resuming {save_dir} from epoch {done} (step {int(states.step[0])})")
-        save_config(config, save_dir)  # once the checkpoint has been read: a failed resume writes nothing
-        logger = RunLogger(save_dir, config, config.wandb)
-        logger.drop_after_epoch(done)  # epochs logged after the checkpoint (a kill) come again
-        step = make_runs_train_step(runs[0].loss_fn, runs[0].optimizer, 0.0, mesh, vectorize)
-        evaluate = make_evaluator(runs[0].eval_fn, mesh)
-        validate = lambda states, epoch: validate_runs(evaluate, states, seeds, dataset.val,
-                                                       config.optim_bs, epoch)
-        on_mesh = lambda x: to_global(np.asarray(x), replicated(mesh))
-        images, labels = on_mesh(dataset.train.images), on_mesh(dataset.train.labels.astype(np.int32))
-        seeds_array = on_mesh(np.asarray(seeds, np.int32))
-        vals = None  # the latest validation, per run
-        for epoch in range(done, config.optim_ne):
-            began = time.perf_counter()
-            indices, masks = runs_epoch_order(seeds, epoch, len(dataset.train), config.optim_bs)
-            sums = None  # each step metric [R], summed over the epoch on the device
-            for i in range(len(indices)):
-                states, metrics = step(states, seeds_array, None, images, labels,
-                                       on_mesh(indices[i]), on_mesh(masks[i]))
-                sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-            record = epoch_record(seeds, epoch, int(states.step[0]), jax.device_get(sums),
-                                  len(indices), runs[0].lr_schedule)
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.optim_ne:
-                vals = validate(states, epoch)
-                record.update({f"seed{s}/val/{k}": v for s, val in zip(seeds, vals)
-                               for k, v in val.items()})
-            record["time/epoch_s"] = round(time.perf_counter() - began, 3)
-            logger.log(record)
-            checkpoints.save(record["step"], states, {"epoch": epoch + 1})
-        logger.close()
-        trained = done < config.optim_ne
-        if not trained:  # killed while exporting: the runs left are exported from the checkpoint
-            vals = validate(states, done - 1)
+        vals = trainer.last_val  # each run's, of the last epoch (from the checkpoint if it trained none)
         for r, (c, run, run_dir) in enumerate(zip(configs, runs, run_dirs)):
-            if exported[r] and not trained:
+            if exported[r] and not trainer.trained_epochs:  # killed while exporting: the rest
                 continue
             arrays, sidecar = run.export(jax.tree.map(lambda leaf: leaf[r], states), vals[r])
             save_export(os.path.join(run_dir, "model"), arrays,
                         {**sidecar, "data_name": c.data_name, "seed": c.seed,
                          "trained_by": METHOD.script, "val": vals[r]}, replace=exported[r])
     finally:
-        checkpoints.close()
+        trainer.checkpoints.close()
+        trainer.logger.close()
     return run_dirs
 
 

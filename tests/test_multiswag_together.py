@@ -147,15 +147,23 @@ def exports(folder) -> dict:
             for d in sorted(os.listdir(folder)) if d.startswith("seed")}
 
 
-def test_killed_runs_resume_to_the_uninterrupted_exports(data, together, steps, tmp_path, capsys):
-    """Killed at the first step of epoch 2 (3 steps an epoch), then `--resume DIR`: the resumed
-    job trains epoch 2 alone and exports the runs bit for bit as the uninterrupted job."""
+@pytest.mark.parametrize("die_at, checkpoint_every, resumed_steps, resumed_from", [
+    (4, 0, 3, "from epoch 1 (step 3)"),  # epoch 2's first step: from epoch 1's checkpoint
+    (6, 1, 1, "from epoch 1, batch 2 (step 5)"),  # epoch 2's last step: from its second
+])
+def test_killed_runs_resume_to_the_uninterrupted_exports(data, together, steps, tmp_path, capsys,
+                                                         die_at, checkpoint_every, resumed_steps,
+                                                         resumed_from):
+    """Killed in epoch 2 (3 steps an epoch), then `--resume DIR`: the resumed job trains the
+    steps after the last checkpoint alone (an epoch's end, or with --checkpoint_every 1 the
+    step before) and exports the runs bit for bit as the uninterrupted job."""
     from utils.logging import read_metrics
 
     folder = str(tmp_path / "teachers")
-    steps.die_at = 4
+    steps.die_at = die_at
     with pytest.raises(SystemExit) as exit_info:
-        sgd_swag.main(tiny_argv() + ["--num_runs", "2", "--data_root", data[0], "--save", folder])
+        sgd_swag.main(tiny_argv() + ["--num_runs", "2", "--data_root", data[0], "--save", folder,
+                                     "--checkpoint_every", str(checkpoint_every)])
     assert exit_info.value.code == 130
     assert f"python sgd_swag.py --resume {folder}" in capsys.readouterr().err
     assert not any(d.startswith("seed") for d in os.listdir(folder))  # nothing exported yet
@@ -166,8 +174,8 @@ def test_killed_runs_resume_to_the_uninterrupted_exports(data, together, steps, 
     steps.clear()
     steps.die_at = None
     sgd_swag.main(["--resume", folder])
-    assert len(steps) == 3  # epoch 2 only: epoch 1 came from the checkpoint
-    assert "from epoch 1" in capsys.readouterr().out
+    assert len(steps) == resumed_steps  # the steps before came from the checkpoint
+    assert resumed_from in capsys.readouterr().out
     resumed, uninterrupted = exports(folder), exports(together)
     assert list(resumed) == ["seed5", "seed6"]
     for seed_dir, arrays in uninterrupted.items():

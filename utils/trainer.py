@@ -21,13 +21,19 @@ uninterrupted one would. The epoch's order is a NumPy permutation seeded by (see
 both paths. Checkpoints are written at the end of every epoch and, with `checkpoint_every`, every
 that many steps; each records the data position (epoch, batch), so a run resumed in the middle of
 an epoch continues with the batch it would have seen next.
+
+Runs trained together (MultiSWAG's R runs, `Trainer(run_seeds=...)`): the state's leaves carry a
+leading axis R, one compiled step trains every run on its own rows and key
+(make_runs_train_step), and the same epochs, checkpoints, validation and logs serve them, with
+each run's metrics logged as `seed<s>/train/<name>` and `seed<s>/val/<name>`.
 """
 import collections
+import copy
 import dataclasses
 import functools
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax
 import jax
@@ -326,6 +332,10 @@ class Trainer:
     # A loss explosion: |training loss| above this times max(1, |the first logged loss|); 0: off
     divergence_factor: float = 1e4
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch; 0: at epoch ends only
+    # Runs trained together: their seeds (the state stacked over them; each run's data order,
+    # step keys and validation key are its seed's); None: one run of `seed`.
+    run_seeds: Optional[Sequence[int]] = None
+    vectorize: Optional[bool] = None  # runs together: vmap them (default: on any backend but the CPU)
 
     @classmethod
     def for_run(cls, run_dir: str, config, **fields) -> "Trainer":
@@ -346,25 +356,31 @@ class Trainer:
         self.mesh = make_mesh() if self.mesh is None else self.mesh
         if self.select_mode is None:
             self.select_mode = "max" if (self.select_metric or "").endswith("acc") else "min"
-        if self.batch_size % self.mesh.size:
-            raise UserError(f"optim_bs {self.batch_size} must be a multiple of the "
-                            f"{self.mesh.size} devices")
         self.logger = self.logger or RunLogger(self.run_dir)
         self.checkpoints = RunCheckpoints(self.run_dir, keep=self.keep_checkpoints,
                                           best_mode=self.select_mode)
-        self._train_step = make_train_step(self.loss_fn, self.optimizer, self.seed,
-                                           self.ema_decay, self.mesh)
-        self._stream_step = make_stream_train_step(self.loss_fn, self.optimizer, self.seed,
-                                                   self.ema_decay, self.mesh)
+        if self.run_seeds is None:
+            if self.batch_size % self.mesh.size:
+                raise UserError(f"optim_bs {self.batch_size} must be a multiple of the "
+                                f"{self.mesh.size} devices")
+            self._train_step = make_train_step(self.loss_fn, self.optimizer, self.seed,
+                                               self.ema_decay, self.mesh)
+            self._stream_step = make_stream_train_step(self.loss_fn, self.optimizer, self.seed,
+                                                       self.ema_decay, self.mesh)
+        else:  # the runs axis is the parallelism: batches are not sharded along `data`
+            if self.select_metric is not None:
+                raise ValueError("runs trained together export their last epoch: select_metric None")
+            self._runs_step = make_runs_train_step(self.loss_fn, self.optimizer, self.ema_decay,
+                                                   self.mesh, self.vectorize)
         self.evaluate = make_evaluator(self.eval_fn, self.mesh)
-        self.last_val = {}  # the latest validation metrics
+        self.last_val = self._val_from({})  # the latest validation metrics (a dict per run together)
         self.first_loss = None  # the run's first logged training loss: divergence's scale
 
     def selected(self, state):
         """(state, validation metrics) of the checkpoint selected on validation, else the last."""
         restored = self.checkpoints.restore_best(state)
         if restored is None:
-            return state, dict(self.last_val)
+            return state, copy.deepcopy(self.last_val)
         best, meta = restored
         return best, {"epoch": meta.get("epoch"),
                       **{k[4:]: v for k, v in meta.items() if k.startswith("val/")}}
@@ -382,9 +398,9 @@ class Trainer:
             state, meta = restored
             position = Position(meta["epoch"], meta.get("batch", 0), meta.get("metric_sums"))
             self.first_loss = meta.get("first_loss")
-            self.last_val = {k[4:]: v for k, v in meta.items() if k.startswith("val/")}
+            self.last_val = self._val_from(meta)
             within = f", batch {position.batch}" if position.batch else ""
-            print(f"resuming {self.run_dir} from epoch {position.epoch}{within} (step {int(state.step)})")
+            print(f"resuming {self.run_dir} from epoch {position.epoch}{within} (step {_step(state)})")
         self.logger.drop_after_epoch(position.epoch)
         self.trained_epochs = max(self.num_epochs - position.epoch, 0)
         if on_start is not None:
@@ -399,7 +415,11 @@ class Trainer:
     def _fit_epochs(self, state, train, val, frozen, position):
         state = put_replicated(state, self.mesh)
         frozen = put_replicated(frozen, self.mesh)
-        if isinstance(train, Stream):
+        if self.run_seeds is not None:
+            if isinstance(train, Stream):
+                raise ValueError("runs trained together read the training set on the devices, not a stream")
+            feed = _RunsFeed(train, self.run_seeds, self.batch_size, self.mesh, self._runs_step)
+        elif isinstance(train, Stream):
             if train.batch_size != self.batch_size:
                 raise ValueError(f"the stream's batch {train.batch_size} is not optim_bs {self.batch_size}")
             feed = _StreamFeed(train, self.mesh, self._stream_step)
@@ -410,17 +430,48 @@ class Trainer:
             state, record = self._run_epoch(state, frozen, feed, resumed)
             score = None
             if val is not None and ((epoch + 1) % self.eval_every == 0 or epoch + 1 == self.num_epochs):
-                val_key = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), epoch)
-                val_metrics = self.evaluate(state, frozen, val, batch_size=self.batch_size, key=val_key)
-                self._check_diverged(val_metrics, state, epoch, "validation ")
-                record.update({f"val/{k}": v for k, v in val_metrics.items()})
+                val_metrics = self._validate(state, frozen, val, epoch)
+                self._check_diverged(self._named(val_metrics), state, epoch, "validation ")
+                record.update(self._named(val_metrics, "val"))
                 self.last_val = val_metrics
                 if self.select_metric is not None:
                     score = val_metrics[self.select_metric]
             self.logger.log(record)
-            self.checkpoints.save(int(state.step), state,
+            self.checkpoints.save(_step(state), state,
                                   {"epoch": epoch + 1, "first_loss": self.first_loss, **record}, score=score)
         return state
+
+    def _validate(self, state, frozen, val, epoch: int):
+        """The validation metrics after epoch `epoch` (0-based), each run's with its seed's key;
+        runs trained together: a list of them, one run's state sliced out at a time."""
+        def run(state, seed):
+            key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), epoch)
+            return self.evaluate(state, frozen, val, batch_size=self.batch_size, key=key)
+
+        if self.run_seeds is None:
+            return run(state, self.seed)
+        return [run(jax.tree.map(lambda leaf, r=r: leaf[r], state), seed)
+                for r, seed in enumerate(self.run_seeds)]
+
+    def _named(self, metrics, split: Optional[str] = None, count: int = 1) -> dict:
+        """Metrics as flat floats divided by `count` (sums over steps -> means), keyed
+        `<split>/<name>`, or `seed<s>/<split>/<name>` for each run trained together (`metrics`
+        then a dict of [R] arrays or a list of R dicts); without `split`, `<name>` and
+        `seed<s>/<name>`."""
+        prefix = f"{split}/" if split else ""
+        if self.run_seeds is None:
+            return {f"{prefix}{k}": float(v) / count for k, v in metrics.items()}
+        per_run = (metrics if isinstance(metrics, list) else
+                   [{k: v[r] for k, v in jax.device_get(metrics).items()} for r in range(len(self.run_seeds))])
+        return {f"seed{s}/{prefix}{k}": float(v) / count
+                for s, values in zip(self.run_seeds, per_run) for k, v in values.items()}
+
+    def _val_from(self, meta: dict):
+        """The validation metrics a checkpoint's metadata recorded (a list per run together)."""
+        if self.run_seeds is None:
+            return {k[4:]: v for k, v in meta.items() if k.startswith("val/")}
+        return [{k[len(f"seed{s}/val/"):]: v for k, v in meta.items() if k.startswith(f"seed{s}/val/")}
+                for s in self.run_seeds]
 
     def _run_epoch(self, state, frozen, feed, position: "Position"):
         """The steps of epoch `position.epoch` from batch `position.batch` on; a checkpoint every
@@ -434,17 +485,16 @@ class Trainer:
             state, metrics = feed.step(state, frozen, *inputs)
             sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
             if (i + 1) % self.log_every == 0 or i + 1 == num_steps:
-                means = {k: float(v) / (i + 1) for k, v in sums.items()}
+                means = self._named(sums, count=i + 1)
                 self._check_diverged(means, state, epoch)
-                bar.set_postfix(loss=f"{means['loss']:.4g}")
-            step = int(state.step) if self.checkpoint_every else 0
+                bar.set_postfix(loss=f"{np.mean(_losses(means)):.4g}")
+            step = _step(state) if self.checkpoint_every else 0
             if self.checkpoint_every and step % self.checkpoint_every == 0 and i + 1 < num_steps:
                 self.checkpoints.save(step, state, {
                     "epoch": epoch, "batch": i + 1, "first_loss": self.first_loss,
-                    "metric_sums": {k: float(v) for k, v in sums.items()}})
-        step = int(state.step)
-        record = {"epoch": epoch + 1, "step": step,
-                  **{f"train/{k}": float(v) / num_steps for k, v in sums.items()},
+                    "metric_sums": {k: np.asarray(v).tolist() for k, v in sums.items()}})
+        step = _step(state)
+        record = {"epoch": epoch + 1, "step": step, **self._named(sums, "train", num_steps),
                   "time/epoch_s": round(time.perf_counter() - start, 3)}
         if self.lr_schedule is not None:
             record["train/lr"] = float(self.lr_schedule(step - 1))  # the epoch's last update
@@ -457,21 +507,32 @@ class Trainer:
         training loss and finite validation metrics."""
         bad = {k: v for k, v in means.items() if not np.isfinite(v)}
         problem = f"non-finite {what}{bad}"
-        if not bad and "loss" in means:
+        if not bad and _losses(means):
+            loss = max(_losses(means), key=abs)  # runs together: the farthest run's
             if self.first_loss is None:
-                self.first_loss = means["loss"]
+                self.first_loss = loss
             limit = self.divergence_factor * max(1.0, abs(self.first_loss))
-            if not self.divergence_factor or abs(means["loss"]) <= limit:
+            if not self.divergence_factor or abs(loss) <= limit:
                 return
-            problem = (f"the training loss exploded to {means['loss']:.4g} (first logged: "
+            problem = (f"the training loss exploded to {loss:.4g} (first logged: "
                        f"{self.first_loss:.4g}; the limit divergence_factor x max(1, that) is {limit:.4g})")
         elif not bad:
             return
         last = self.checkpoints.latest.latest_step()
         kept = (f"the last good checkpoint (step {last}) is kept in {self.run_dir}/checkpoints"
                 if last is not None else "no checkpoint was written yet")
-        raise UserError(f"training stopped in epoch {epoch + 1} at step {int(state.step)}: "
+        raise UserError(f"training stopped in epoch {epoch + 1} at step {_step(state)}: "
                         f"{problem}; {kept}; lower optim_lr or check the data")
+
+
+def _step(state) -> int:
+    """The state's optimizer step (runs trained together all share it)."""
+    return int(state.step if state.step.ndim == 0 else state.step[0])
+
+
+def _losses(means: dict) -> list:
+    """The training losses among named metrics (`loss`, or each run's `seed<s>/loss`)."""
+    return [v for k, v in means.items() if k == "loss" or k.endswith("/loss")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,6 +560,28 @@ class _DeviceFeed:
         for i in range(start, len(indices)):
             yield (self.images, self.labels, to_global(indices[i], batch_sharded(self.mesh)),
                    to_global(masks[i], batch_sharded(self.mesh)))
+
+
+class _RunsFeed:
+    """Runs trained together: the training set on every device, each run gathering its own rows
+    in its seed's order (indices and masks [R, B] a step)."""
+
+    def __init__(self, split, seeds, batch_size: int, mesh, runs_step):
+        self.seeds, self.batch_size, self.mesh = list(seeds), batch_size, mesh
+        self.num_examples = len(split.images)
+        self.images = self._on_mesh(split.images)
+        self.labels = self._on_mesh(split.labels.astype(np.int32))
+        seeds_array = self._on_mesh(np.asarray(self.seeds, np.int32))
+        self.step = lambda states, frozen, *inputs: runs_step(states, seeds_array, frozen, *inputs)
+        self.steps_per_epoch = steps_per_epoch(self.num_examples, batch_size)
+
+    def _on_mesh(self, array):
+        return to_global(np.asarray(array), replicated(self.mesh))
+
+    def inputs(self, epoch: int, start: int):
+        indices, masks = runs_epoch_order(self.seeds, epoch, self.num_examples, self.batch_size)
+        for i in range(start, len(indices)):
+            yield self.images, self.labels, self._on_mesh(indices[i]), self._on_mesh(masks[i])
 
 
 class _StreamFeed:
