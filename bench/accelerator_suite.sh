@@ -44,19 +44,8 @@ if [[ ${1:-} == --prepare ]]; then
         --implementation cp -d .whl "${WHEELS[@]}"
 fi
 
-if ! "$PY" -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("dm_pix", "grain")))'; then
-    shopt -s nullglob
-    wheels=(.whl/*.whl)
-    if ((${#wheels[@]} == 0)); then
-        echo "dm_pix or grain is not installed and .whl/ holds no wheel: run 'bash bench/accelerator_suite.sh" \
-            "--prepare' where pip reaches PyPI, and carry .whl" >&2
-        exit 2
-    fi
-    site=${TMPDIR:-/tmp}/bench-site
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$site" "${wheels[@]}" || exit 2
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/device_env.sh
+device_env "$PY" || exit 2
 
 export PYTHONUNBUFFERED=1
 if [[ -z ${OUT:-} ]]; then

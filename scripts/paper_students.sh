@@ -7,8 +7,8 @@
 # ResNet-8x1 students are one member's half width), trained for the same EPOCHS (the CPU
 # budget) from the shipped MultiSWAG teachers (checkpoints_teacher/fmnist) with each config's
 # recipe otherwise: KD, ProxyEnDD, Hydra and FED, and EDFM's head on each seed's KD student as
-# its backbone. Runs go to runs/paper/<method>_s<seed>, logs to runs/paper/<name>.log, finishing
-# times to runs/paper/times.txt.
+# its backbone. Runs go to $RUNS/<method>_s<seed> (runs/paper/ by default), logs to $RUNS/<name>.log,
+# finishing times to $RUNS/times.txt.
 #
 # Two workers, each pinned to its own core (taskset; XLA's CPU runtime spreads ops over every
 # core it may use, and two unpinned runs on two cores ran 2.5x slower than one per core), take
@@ -16,13 +16,21 @@
 # its KD backbone). Resumable: a finished run is skipped, an
 # interrupted one continues from its last checkpoint (one every 100 steps), so the script can be
 # started again, with the same EPOCHS, in a later session.
+#
+# The environment sets: EPOCHS (1), RUNS (the folder, runs/paper), WORKERS (2), PIN (1: worker i
+# on core i, XLA's CPU runtime single-threaded; 0 on an accelerator), PY (.venv/bin/python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${EPOCHS:-1}
-PY=.venv/bin/python
-export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-mkdir -p runs/paper
-rm -rf runs/paper/*.claim runs/paper/*.failed  # an earlier start's claims and failures
+RUNS=${RUNS:-runs/paper}
+WORKERS=${WORKERS:-2}
+PIN=${PIN:-1}
+PY=${PY:-.venv/bin/python}
+if ((PIN)); then
+    export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+fi
+mkdir -p "$RUNS"
+rm -rf "$RUNS"/*.claim "$RUNS"/*.failed  # an earlier start's claims and failures
 
 # name | script | config | the run it builds on | extra flags
 QUEUE="
@@ -43,15 +51,15 @@ hydra_s2026 hydra.py       hydra -
 hydra_s2027 hydra.py       hydra -
 "
 
-finished() { [[ -f runs/paper/$1/finished ]]; }
-failed() { [[ -f runs/paper/$1.failed ]]; }  # this start gave up on it (see its log)
+finished() { [[ -f $RUNS/$1/finished ]]; }
+failed() { [[ -f $RUNS/$1.failed ]]; }  # this start gave up on it (see its log)
 
 run() {  # name script config_stem after
     local name=$1 script=$2 stem=$3 after=$4
-    local dir=runs/paper/$name seed=${name##*_s} start=$SECONDS
+    local dir=$RUNS/$name seed=${name##*_s} start=$SECONDS
     local extra=()
     if [[ $stem == edfm ]]; then
-        extra=(--pretrained_resnet "runs/paper/$after" --test_table false)
+        extra=(--pretrained_resnet "$RUNS/$after" --test_table false)
     fi
     if [[ -f $dir/config.yaml ]]; then
         $PY "$script" --resume "$dir" >> "$dir.log" 2>&1
@@ -62,7 +70,7 @@ run() {  # name script config_stem after
     fi
     local status=$?
     if ((status == 0)); then touch "$dir/finished"; else touch "$dir.failed"; fi
-    echo "$(date -u +%FT%TZ) $name exit $status, $((SECONDS - start)) s" >> runs/paper/times.txt
+    echo "$(date -u +%FT%TZ) $name exit $status, $((SECONDS - start)) s" >> "$RUNS/times.txt"
 }
 
 worker() {  # take the first unclaimed run whose predecessor is finished, until none is left
@@ -72,9 +80,9 @@ worker() {  # take the first unclaimed run whose predecessor is finished, until 
             [[ -z $name ]] && continue
             finished "$name" || failed "$name" && continue
             [[ $after != - ]] && failed "$after" && continue
-            [[ -d runs/paper/$name.claim ]] && { waiting=1; continue; }
+            [[ -d $RUNS/$name.claim ]] && { waiting=1; continue; }
             if [[ $after != - ]] && ! finished "$after"; then waiting=1; continue; fi
-            mkdir "runs/paper/$name.claim" 2>/dev/null || continue  # the other worker took it
+            mkdir "$RUNS/$name.claim" 2>/dev/null || continue  # another worker took it
             run "$name" "$script" "$stem" "$after"
             took=1
             break
@@ -85,10 +93,11 @@ worker() {  # take the first unclaimed run whose predecessor is finished, until 
     done
 }
 
-pinned_worker() {  # a worker whose runs use core $1 only (when taskset and that core exist)
-    taskset -cp "$1" $BASHPID > /dev/null 2>&1 || true
+pinned_worker() {  # a worker whose runs use core $1 only (with PIN, where taskset and that core exist)
+    if ((PIN)); then taskset -cp "$1" $BASHPID > /dev/null 2>&1 || true; fi
     worker
 }
 
-pinned_worker 0 & pinned_worker 1 & wait
-echo "$(date -u +%FT%TZ) all done" >> runs/paper/times.txt
+for ((i = 0; i < WORKERS; i++)); do pinned_worker "$i" & done
+wait
+echo "$(date -u +%FT%TZ) all done" >> "$RUNS/times.txt"
