@@ -15,6 +15,10 @@ an MLP of the head's shapes (input, time and condition Linears, three adaLN bloc
 LayerNorm and SiLU, the final adaLN and output Linears) trained on a mean-square loss. That is
 the reference's arithmetic, not its code; the sum of the parts estimates its step.
 
+`--cpu_options`: the step also compiled with XLA:CPU's YNNPACK library fusions limited to
+reductions and dots (CPU_OPTIONS: the convolutions go to XLA's own Eigen kernels), timed
+alternately with the default build in the same process (bench/gendd_cpu_profile.md says why).
+
 All timings: medians after warm-up (utils.cost.measure_latency; PyTorch: the same rule by hand).
 """
 import argparse
@@ -29,9 +33,25 @@ import numpy as np
 
 PAIRS = {"res110_res32": ("resnet110", "resnet32"), "res32x4_res8x4": ("resnet32x4", "resnet8x4")}
 BATCH = 64
+# XLA:CPU with YNNPACK fusing reductions and dots only (the default also takes convolutions,
+# whose weight gradients it runs slowly: bench/gendd_cpu_profile.md).
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-def jax_parts(pair: str, repeats: int, warmup: int) -> dict:
+def alternated(builds: dict, run, warmup: int, repeats: int) -> dict:
+    """{name: median seconds} of `run(build)` for each compiled build, the builds taking turns
+    in every round, so that all of them see the same machine."""
+    times = {name: [] for name in builds}
+    for i in range(warmup + repeats):
+        for name, build in builds.items():
+            start = time.perf_counter()
+            jax.block_until_ready(run(build))
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False) -> dict:
     import gendd
     from data.datasets import Dataset, Split
     from models import diffusion as gd
@@ -73,6 +93,16 @@ def jax_parts(pair: str, repeats: int, warmup: int) -> dict:
 
     timing = lambda fn, *a, jit=True: measure_latency(fn, *a, warmup=warmup, repeats=repeats, jit=jit)["median_s"]
     out = {"step_s": timing(call, *args, jit=False), "step_flops": flops}
+    if cpu_options:
+        def train(build):  # the donated state threaded through
+            nonlocal state
+            state, metrics = build(state, *args)
+            return metrics
+
+        out["alternated_step_s"] = alternated(
+            {"default": compiled, "cpu_options": step.lower(state, *args).compile(compiler_options=CPU_OPTIONS)},
+            train, warmup, repeats)
+        out["cpu_options"] = CPU_OPTIONS
 
     x = jnp.asarray(rng.uniform(size=(BATCH, 32, 32, 3)), jnp.float32)
     teacher_vars = run.frozen["teacher"]
@@ -88,6 +118,11 @@ def jax_parts(pair: str, repeats: int, warmup: int) -> dict:
 
     out["student_forward_s"] = timing(student_loss, s_params, x)
     out["student_forward_backward_s"] = timing(jax.grad(student_loss), s_params, x)
+    if cpu_options:
+        lowered = jax.jit(jax.grad(student_loss)).lower(s_params, x)
+        out["alternated_student_forward_backward_s"] = alternated(
+            {"default": lowered.compile(), "cpu_options": lowered.compile(compiler_options=CPU_OPTIONS)},
+            lambda build: build(s_params, x), warmup, repeats)
 
     num_tokens = teacher_vars["params"]["classifier"]["kernel"].shape[0] // config.token_dim
     head = gendd.DiffusionMLP(token_dim=config.token_dim, num_tokens=num_tokens, width=config.head_width,
@@ -175,12 +210,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=sorted(PAIRS))
     parser.add_argument("--torch", action="store_true", help="also the parts in PyTorch")
+    parser.add_argument("--cpu_options", action="store_true",
+                        help="also the step built with CPU_OPTIONS, timed alternately with the default")
     common.add_run_args(parser)
     args = parser.parse_args(argv)
 
     results = {}
     for pair in args.pairs:
-        row = {"jax": jax_parts(pair, args.repeats, args.warmup)}
+        row = {"jax": jax_parts(pair, args.repeats, args.warmup, args.cpu_options)}
         j = row["jax"]
         j["parts_sum_s"] = j["teacher_forward_s"] + j["student_forward_backward_s"] + j["head_forward_backward_s"]
         j["images_per_s"] = BATCH / j["step_s"]
@@ -188,6 +225,11 @@ def main(argv=None):
               f"{j['step_flops'] / 1e9:.0f} GFLOP); teacher {j['teacher_forward_s']:.3f}, student fwd "
               f"{j['student_forward_s']:.3f} / fwd+bwd {j['student_forward_backward_s']:.3f}, head "
               f"fwd+bwd {j['head_forward_backward_s']:.3f} ({j['head_rows']} rows)")
+        if args.cpu_options:
+            for part in ("step", "student_forward_backward"):
+                alt = j[f"alternated_{part}_s"]
+                print(f"{pair} JAX {part}, alternated: default {alt['default']:.3f} s, CPU_OPTIONS "
+                      f"{alt['cpu_options']:.3f} s ({alt['default'] / alt['cpu_options']:.2f}x)")
         if args.torch:
             t = torch_parts(pair, j["head_rows"], 1024, 64, j["student_dim"], args.repeats, args.warmup)
             row["torch"] = t
