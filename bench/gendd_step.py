@@ -15,9 +15,10 @@ an MLP of the head's shapes (input, time and condition Linears, three adaLN bloc
 LayerNorm and SiLU, the final adaLN and output Linears) trained on a mean-square loss. That is
 the reference's arithmetic, not its code; the sum of the parts estimates its step.
 
-`--cpu_options`: the step also compiled with XLA:CPU's YNNPACK library fusions limited to
-reductions and dots (CPU_OPTIONS: the convolutions go to XLA's own Eigen kernels), timed
-alternately with the default build in the same process (bench/gendd_cpu_profile.md says why).
+`--cpu_options`: the step as the trainer compiles it on the CPU (utils.trainer.CPU_STEP_OPTIONS:
+XLA:CPU's YNNPACK library fusions limited to reductions and dots, so the convolutions go to
+XLA's own kernels) and with XLA's defaults, timed alternately in the same process, and the
+student's forward + backward the same way (bench/gendd_cpu_profile.md says why).
 
 All timings: medians after warm-up (utils.cost.measure_latency; PyTorch: the same rule by hand).
 """
@@ -33,9 +34,6 @@ import numpy as np
 
 PAIRS = {"res110_res32": ("resnet110", "resnet32"), "res32x4_res8x4": ("resnet32x4", "resnet8x4")}
 BATCH = 64
-# XLA:CPU with YNNPACK fusing reductions and dots only (the default also takes convolutions,
-# whose weight gradients it runs slowly: bench/gendd_cpu_profile.md).
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 def alternated(builds: dict, run, warmup: int, repeats: int) -> dict:
@@ -59,7 +57,7 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False) -
     from utils.checkpoints import save_resnet
     from utils.config import parse_config
     from utils.cost import measure_latency, xla_flops
-    from utils.trainer import (batch_sharded, init_variables, make_mesh, make_train_step,
+    from utils.trainer import (CPU_STEP_OPTIONS, batch_sharded, init_variables, make_mesh, make_train_step,
                                put_replicated, replicated, to_global)
 
     teacher_arch, student_arch = PAIRS[pair]
@@ -100,9 +98,10 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False) -
             return metrics
 
         out["alternated_step_s"] = alternated(
-            {"default": compiled, "cpu_options": step.lower(state, *args).compile(compiler_options=CPU_OPTIONS)},
+            {"default": make_train_step(run.loss_fn, run.optimizer, 0, 0.0, mesh, xla_defaults=True)
+             .lower(state, *args).compile(), "cpu_options": compiled},
             train, warmup, repeats)
-        out["cpu_options"] = CPU_OPTIONS
+        out["cpu_options"] = CPU_STEP_OPTIONS
 
     x = jnp.asarray(rng.uniform(size=(BATCH, 32, 32, 3)), jnp.float32)
     teacher_vars = run.frozen["teacher"]
@@ -121,7 +120,7 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False) -
     if cpu_options:
         lowered = jax.jit(jax.grad(student_loss)).lower(s_params, x)
         out["alternated_student_forward_backward_s"] = alternated(
-            {"default": lowered.compile(), "cpu_options": lowered.compile(compiler_options=CPU_OPTIONS)},
+            {"default": lowered.compile(), "cpu_options": lowered.compile(compiler_options=CPU_STEP_OPTIONS)},
             lambda build: build(s_params, x), warmup, repeats)
 
     num_tokens = teacher_vars["params"]["classifier"]["kernel"].shape[0] // config.token_dim
@@ -228,7 +227,7 @@ def main(argv=None):
         if args.cpu_options:
             for part in ("step", "student_forward_backward"):
                 alt = j[f"alternated_{part}_s"]
-                print(f"{pair} JAX {part}, alternated: default {alt['default']:.3f} s, CPU_OPTIONS "
+                print(f"{pair} JAX {part}, alternated: XLA defaults {alt['default']:.3f} s, CPU_STEP_OPTIONS "
                       f"{alt['cpu_options']:.3f} s ({alt['default'] / alt['cpu_options']:.2f}x)")
         if args.torch:
             t = torch_parts(pair, j["head_rows"], 1024, 64, j["student_dim"], args.repeats, args.warmup)

@@ -158,17 +158,44 @@ def train_step_fn(loss_fn, optimizer, ema_decay: float, data_sharding=None):
     return train_step
 
 
-def make_train_step(loss_fn, optimizer, seed: int, ema_decay: float, mesh):
+# XLA:CPU's YNNPACK library fusions limited to reductions and dots. Its default also takes the
+# convolutions, and runs their weight gradients (batch-as-feature convolutions behind two
+# transposes of the activations) about 3x slower than XLA's own kernels; without them the
+# training steps measured 1.03-1.31x faster (bench/gendd_cpu_profile.md).
+CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                    "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@functools.cache
+def step_compiler_options() -> Optional[dict]:
+    """The XLA options training steps compile with: CPU_STEP_OPTIONS on the CPU where this
+    jaxlib takes them (the option is experimental: a later XLA may rename it, and then XLA's
+    defaults stay), else none."""
+    if jax.default_backend() != "cpu":
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_STEP_OPTIONS).lower(np.float32(0)).compile()
+    except Exception:  # an unknown option or value
+        return None
+    return CPU_STEP_OPTIONS
+
+
+def jit_step(step, mesh, xla_defaults: bool = False):
+    """A training step jitted: its state (first argument) donated, its outputs replicated,
+    compiled with step_compiler_options() unless `xla_defaults` (the benchmarks' baseline)."""
+    return jax.jit(step, donate_argnums=0, out_shardings=replicated(mesh),
+                   compiler_options=None if xla_defaults else step_compiler_options())
+
+
+def make_train_step(loss_fn, optimizer, seed: int, ema_decay: float, mesh, xla_defaults: bool = False):
     step = train_step_fn(loss_fn, optimizer, ema_decay, batch_sharded(mesh))
-    return jax.jit(lambda state, *args: step(state, seed, *args), donate_argnums=0,
-                   out_shardings=replicated(mesh))
+    return jit_step(lambda state, *args: step(state, seed, *args), mesh, xla_defaults)
 
 
 def make_stream_train_step(loss_fn, optimizer, seed: int, ema_decay: float, mesh):
     """The streaming path's step, `step(state, frozen, batch)` on a batch already on the mesh."""
     step = batch_step_fn(loss_fn, optimizer, ema_decay, batch_sharded(mesh))
-    return jax.jit(lambda state, frozen, batch: step(state, seed, frozen, batch), donate_argnums=0,
-                   out_shardings=replicated(mesh))
+    return jit_step(lambda state, frozen, batch: step(state, seed, frozen, batch), mesh)
 
 
 def to_mesh(host_batch: dict, mesh) -> dict:
@@ -206,7 +233,7 @@ def make_runs_train_step(loss_fn, optimizer, ema_decay: float, mesh, vectorize=N
             return jax.vmap(one)(states, seeds, indices, masks)
         return jax.lax.map(lambda args: one(*args), (states, seeds, indices, masks))
 
-    return jax.jit(runs_step, donate_argnums=0, out_shardings=replicated(mesh))
+    return jit_step(runs_step, mesh)
 
 
 def runs_epoch_order(seeds, epoch: int, num_examples: int, batch_size: int):

@@ -179,3 +179,32 @@ def test_for_run_takes_the_shared_keys_from_the_config(tmp_path):
                           mesh=make_mesh(jax.devices()[:1]), select_metric="nll")
     assert nll.select_mode == "min" and nll.num_epochs == 3
     nll.checkpoints.close()
+
+
+def _ynn_convolutions(hlo: str) -> int:
+    """How many of a compiled program's YNNPACK fusions hold a convolution."""
+    import re
+
+    called = {m.group(1) for line in hlo.splitlines() if '"__ynn_fusion"' in line
+              for m in [re.search(r"calls=%?([\w.\-]+)", line)] if m}
+    blocks = re.split(r"\n(?=%?[\w.\-]+ \()", hlo)  # one computation a block
+    return sum(" convolution(" in block for block in blocks
+               if block.lstrip("%").split(" ", 1)[0] in called)
+
+
+def test_cpu_training_steps_leave_convolutions_to_xla():
+    """On the CPU the steps compile with CPU_STEP_OPTIONS (this jaxlib takes them): YNNPACK keeps
+    the reductions and dots but not the convolutions, whose weight gradients it runs ~3x slower
+    (bench/gendd_cpu_profile.md); xla_defaults=True is XLA's own choice, with them."""
+    from utils.trainer import CPU_STEP_OPTIONS, make_train_step, step_compiler_options
+
+    assert step_compiler_options() == CPU_STEP_OPTIONS
+    optimizer = make_optimizer(CommonConfig(optim_momentum=0.9), 0.05)
+    params = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    state, mesh = TrainState.create(params, optimizer), make_mesh(jax.devices()[:1])
+    args = (TRAIN.images[:16], TRAIN.labels[:16], np.arange(16, dtype=np.int32), np.ones(16, bool))
+    hlo = {defaults: make_train_step(make_loss_fn(MODEL), optimizer, 0, 0.0, mesh, xla_defaults=defaults)
+           .lower(state, None, *args).compile().as_text() for defaults in (False, True)}
+    assert _ynn_convolutions(hlo[True]) > 0  # what the option changes: XLA's default
+    assert _ynn_convolutions(hlo[False]) == 0
+    assert '"__ynn_fusion"' in hlo[False]  # YNNPACK still fuses the reductions
