@@ -129,11 +129,15 @@ def xla_flops(fn: Callable, *args, count_loops: bool = True, compiled=None) -> F
     """FLOPs of one call of `fn(*args)` from XLA's cost analysis of the compiled program, each
     scan's body counted as many times as it runs (`count_loops=False`: what XLA alone says).
     `compiled`: `jax.jit(fn).lower(*args).compile()` when the caller already has it."""
-    compiled = compiled or jax.jit(fn).lower(*args).compile()
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)  # never a jit nested in a jit (see below)
+    compiled = compiled or jitted.lower(*args).compile()
     count = _xla_count(compiled)
     if not count_loops:
         return count
-    return _add_loop_iterations(jax.make_jaxpr(fn)(*args).jaxpr, count)
+    # A jitted fn is traced at the top level (its own .trace): make_jaxpr would nest it, which
+    # jit-level compiler_options (the trainer's steps on the CPU) do not allow.
+    traced = jitted.trace(*args).jaxpr
+    return _add_loop_iterations(traced.jaxpr, count)
 
 
 def measure_latency(fn: Callable, *args, warmup: int = 2, repeats: int = 10,

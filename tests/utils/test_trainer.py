@@ -208,3 +208,17 @@ def test_cpu_training_steps_leave_convolutions_to_xla():
     assert _ynn_convolutions(hlo[True]) > 0  # what the option changes: XLA's default
     assert _ynn_convolutions(hlo[False]) == 0
     assert '"__ynn_fusion"' in hlo[False]  # YNNPACK still fuses the reductions
+
+
+def test_step_flops_count_through_the_compiler_options():
+    """xla_flops of a step jitted with compiler options traces it at the top level (make_jaxpr
+    would nest the jit, which JAX refuses for jit-level compiler_options)."""
+    from utils.cost import xla_flops
+    from utils.trainer import make_train_step
+
+    optimizer = make_optimizer(CommonConfig(optim_momentum=0.9), 0.05)
+    params = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    state, mesh = TrainState.create(params, optimizer), make_mesh(jax.devices()[:1])
+    args = (None, TRAIN.images[:16], TRAIN.labels[:16], np.arange(16, dtype=np.int32), np.ones(16, bool))
+    step = make_train_step(make_loss_fn(MODEL), optimizer, 0, 0.0, mesh)
+    assert xla_flops(step, state, *args).flops > 0
