@@ -34,7 +34,7 @@ from utils.method import Method, Run, register
 from utils.optim import make_optimizer
 from utils.teachers import TEACHER_KIND, ensemble_logits, members_from_runs, teacher_predictor
 from utils.trainer import (Trainer, TrainState, init_variables, masked_mean, prediction_metrics,
-                           stack_runs, steps_per_epoch)
+                           run_of, stack_runs, steps_per_epoch)
 
 
 @dataclasses.dataclass
@@ -202,7 +202,7 @@ def train_together(config: SwagConfig, dataset, num_runs: int, save_dir: str, ve
         for r, (c, run, run_dir) in enumerate(zip(configs, runs, run_dirs)):
             if exported[r] and not trainer.trained_epochs:  # killed while exporting: the rest
                 continue
-            arrays, sidecar = run.export(jax.tree.map(lambda leaf: leaf[r], states), vals[r])
+            arrays, sidecar = run.export(run_of(states, r), vals[r])
             save_export(os.path.join(run_dir, "model"), arrays,
                         {**sidecar, "data_name": c.data_name, "seed": c.seed,
                          "trained_by": METHOD.script, "val": vals[r]}, replace=exported[r])

@@ -247,8 +247,13 @@ def stack_runs(states):
     return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
 
+def run_of(stacked, r: int):
+    """Run r's pytree out of one stacked over runs (leading axis R)."""
+    return jax.tree.map(lambda leaf: leaf[r], stacked)
+
+
 def unstack_runs(stacked, num_runs: int):
-    return [jax.tree.map(lambda leaf, r=r: leaf[r], stacked) for r in range(num_runs)]
+    return [run_of(stacked, r) for r in range(num_runs)]
 
 
 def jit_batch_fn(fn, mesh):
@@ -477,8 +482,7 @@ class Trainer:
 
         if self.run_seeds is None:
             return run(state, self.seed)
-        return [run(jax.tree.map(lambda leaf, r=r: leaf[r], state), seed)
-                for r, seed in enumerate(self.run_seeds)]
+        return [run(run_of(state, r), seed) for r, seed in enumerate(self.run_seeds)]
 
     def _named(self, metrics, split: Optional[str] = None, count: int = 1) -> dict:
         """Metrics as flat floats divided by `count` (sums over steps -> means), keyed
