@@ -402,8 +402,10 @@ class Trainer:
         else:  # the runs axis is the parallelism: batches are not sharded along `data`
             if self.select_metric is not None:
                 raise ValueError("runs trained together export their last epoch: select_metric None")
-            self._runs_step = make_runs_train_step(self.loss_fn, self.optimizer, self.ema_decay,
-                                                   self.mesh, self.vectorize)
+            runs_step = make_runs_train_step(self.loss_fn, self.optimizer, self.ema_decay,
+                                             self.mesh, self.vectorize)
+            seeds = to_global(np.asarray(self.run_seeds, np.int32), replicated(self.mesh))
+            self._train_step = lambda states, frozen, *inputs: runs_step(states, seeds, frozen, *inputs)
         self.evaluate = make_evaluator(self.eval_fn, self.mesh)
         self.last_val = self._val_from({})  # the latest validation metrics (a dict per run together)
         self.first_loss = None  # the run's first logged training loss: divergence's scale
@@ -447,16 +449,15 @@ class Trainer:
     def _fit_epochs(self, state, train, val, frozen, position):
         state = put_replicated(state, self.mesh)
         frozen = put_replicated(frozen, self.mesh)
-        if self.run_seeds is not None:
-            if isinstance(train, Stream):
+        if isinstance(train, Stream):
+            if self.run_seeds is not None:
                 raise ValueError("runs trained together read the training set on the devices, not a stream")
-            feed = _RunsFeed(train, self.run_seeds, self.batch_size, self.mesh, self._runs_step)
-        elif isinstance(train, Stream):
             if train.batch_size != self.batch_size:
                 raise ValueError(f"the stream's batch {train.batch_size} is not optim_bs {self.batch_size}")
             feed = _StreamFeed(train, self.mesh, self._stream_step)
         else:
-            feed = _DeviceFeed(train, self.seed, self.batch_size, self.mesh, self._train_step)
+            feed = _DeviceFeed(train, self.batch_size, self.mesh, self._train_step, self._epoch_order,
+                               replicated(self.mesh) if self.run_seeds is not None else batch_sharded(self.mesh))
         for epoch in range(position.epoch, self.num_epochs):
             resumed = position if epoch == position.epoch else Position(epoch, 0, None)
             state, record = self._run_epoch(state, frozen, feed, resumed)
@@ -472,6 +473,13 @@ class Trainer:
             self.checkpoints.save(_step(state), state,
                                   {"epoch": epoch + 1, "first_loss": self.first_loss, **record}, score=score)
         return state
+
+    def _epoch_order(self, epoch: int, num_examples: int):
+        """The epoch's indices and masks: [S, B] (data.stream.epoch_order of the seed), or
+        [S, R, B] for runs trained together (each run its seed's order)."""
+        if self.run_seeds is None:
+            return epoch_order(self.seed, epoch, num_examples, self.batch_size)
+        return runs_epoch_order(self.run_seeds, epoch, num_examples, self.batch_size)
 
     def _validate(self, state, frozen, val, epoch: int):
         """The validation metrics after epoch `epoch` (0-based), each run's with its seed's key;
@@ -577,42 +585,22 @@ class Position:
 
 
 class _DeviceFeed:
-    """The on-device path: the training set on every device, each step gathering its rows."""
+    """The on-device path: the training set on every device, each step gathering its rows by
+    the indices of `order(epoch, num_examples)`, put on the mesh with `index_sharding`: along
+    `data` for one run, replicated for runs trained together (each run gathers its own rows)."""
 
-    def __init__(self, split, seed: int, batch_size: int, mesh, step):
-        self.seed, self.batch_size, self.mesh, self.step = seed, batch_size, mesh, step
+    def __init__(self, split, batch_size: int, mesh, step, order, index_sharding):
+        self.step, self.order, self.index_sharding = step, order, index_sharding
         self.num_examples = len(split.images)
         self.images = to_global(split.images, replicated(mesh))
         self.labels = to_global(split.labels.astype(np.int32), replicated(mesh))
         self.steps_per_epoch = steps_per_epoch(self.num_examples, batch_size)
 
     def inputs(self, epoch: int, start: int):
-        indices, masks = epoch_order(self.seed, epoch, self.num_examples, self.batch_size)
+        indices, masks = self.order(epoch, self.num_examples)
         for i in range(start, len(indices)):
-            yield (self.images, self.labels, to_global(indices[i], batch_sharded(self.mesh)),
-                   to_global(masks[i], batch_sharded(self.mesh)))
-
-
-class _RunsFeed:
-    """Runs trained together: the training set on every device, each run gathering its own rows
-    in its seed's order (indices and masks [R, B] a step)."""
-
-    def __init__(self, split, seeds, batch_size: int, mesh, runs_step):
-        self.seeds, self.batch_size, self.mesh = list(seeds), batch_size, mesh
-        self.num_examples = len(split.images)
-        self.images = self._on_mesh(split.images)
-        self.labels = self._on_mesh(split.labels.astype(np.int32))
-        seeds_array = self._on_mesh(np.asarray(self.seeds, np.int32))
-        self.step = lambda states, frozen, *inputs: runs_step(states, seeds_array, frozen, *inputs)
-        self.steps_per_epoch = steps_per_epoch(self.num_examples, batch_size)
-
-    def _on_mesh(self, array):
-        return to_global(np.asarray(array), replicated(self.mesh))
-
-    def inputs(self, epoch: int, start: int):
-        indices, masks = runs_epoch_order(self.seeds, epoch, self.num_examples, self.batch_size)
-        for i in range(start, len(indices)):
-            yield self.images, self.labels, self._on_mesh(indices[i]), self._on_mesh(masks[i])
+            yield (self.images, self.labels, to_global(indices[i], self.index_sharding),
+                   to_global(masks[i], self.index_sharding))
 
 
 class _StreamFeed:
