@@ -69,6 +69,8 @@ from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from utils.reporting import fmt  # noqa: E402  (light: no JAX in this driver process)
 MIN_STEP_S = 10  # a step that would get less is skipped
 BUDGET_S = 470  # the whole suite on an accelerator (the issue: under 8 minutes on one GPU)
 SMOKE_BUDGET_S = 1800
@@ -413,10 +415,6 @@ def run_steps(steps: list, jobs: int, deadline: float, run) -> list:
 
 
 # ---------------------------------------------------------------------------------- the tables
-def _fmt(value, spec: str, scale: float = 1.0) -> str:
-    return "–" if value is None or not isinstance(value, (int, float)) else format(value * scale, spec)
-
-
 def _load(out_dir: str, key: str, tag: str) -> Optional[dict]:
     path = os.path.join(out_dir, f"{key}-{tag}.json")
     if not os.path.exists(path):
@@ -447,8 +445,8 @@ def tables(out_dir: str, tag: str) -> str:
                 net = f"ResNet-{config.get('depth') or 32}×{config.get('width') or (2 if preset == 'c10' else 4)}"
                 for method, row in result["steps"].items():
                     rows.append(f"| {preset} ({net}) | {dtype} | {method} | {config['batch']} | "
-                                f"{_fmt(row['images_per_s'], ',.0f')} | {_fmt(row['median_s'], '.2f', 1e3)} | "
-                                f"{_fmt(row.get('flops_per_step'), '.3g')} | {_fmt(row.get('mfu'), '.1%')} |")
+                                f"{fmt(row['images_per_s'], ',.0f')} | {fmt(row['median_s'], '.2f', 1e3)} | "
+                                f"{fmt(row.get('flops_per_step'), '.3g')} | {fmt(row.get('mfu'), '.1%')} |")
     for dtype in ("float32", "bfloat16"):
         result = _load(out_dir, "zoo_train" + ("-bfloat16" if dtype == "bfloat16" else ""), tag)
         if result:
@@ -456,8 +454,8 @@ def tables(out_dir: str, tag: str) -> str:
             for model, row in result["models"].items():
                 shape = "x".join(str(s) for s in row["input"][:2])
                 rows.append(f"| {model} {shape} (synthetic) | {dtype} | SGD step | {row['batch']} | "
-                            f"{_fmt(row['images_per_s'], ',.0f')} | {_fmt(row['step_ms'], '.2f')} | "
-                            f"{_fmt(row['flops_per_step'], '.3g')} | {_fmt(row.get('mfu'), '.1%')} |")
+                            f"{fmt(row['images_per_s'], ',.0f')} | {fmt(row['step_ms'], '.2f')} | "
+                            f"{fmt(row['flops_per_step'], '.3g')} | {fmt(row.get('mfu'), '.1%')} |")
     if rows:
         lines += ["**Training throughput** (`throughput-*`, `zoo_train-*`; MFU against "
                   "bench/common.py's peak table: TF32 for float32, bf16 dense for bfloat16)", "",
@@ -471,26 +469,26 @@ def tables(out_dir: str, tag: str) -> str:
         costs, ratios = result["predictors"], result["ratios"]
         rows.append(f"| (b) EDFM latency, c10, batch {result['config']['batch']} | EDFM "
                     f"({costs['edfm']['num_members']} members, {costs['edfm'].get('velocity_evaluations')} "
-                    f"evaluations) {_fmt(costs['edfm']['latency_s'], '.2f', 1e3)} ms = "
-                    f"**{_fmt(ratios.get('edfm_over_backbone_latency'), '.2f')}×** one backbone forward "
-                    f"({_fmt(costs['backbone']['latency_s'], '.2f', 1e3)} ms) and "
-                    f"**{_fmt(ratios.get('edfm_over_teacher_latency'), '.3f')}×** the "
+                    f"evaluations) {fmt(costs['edfm']['latency_s'], '.2f', 1e3)} ms = "
+                    f"**{fmt(ratios.get('edfm_over_backbone_latency'), '.2f')}×** one backbone forward "
+                    f"({fmt(costs['backbone']['latency_s'], '.2f', 1e3)} ms) and "
+                    f"**{fmt(ratios.get('edfm_over_teacher_latency'), '.3f')}×** the "
                     f"{costs['teacher']['num_members']}-member teacher "
-                    f"({_fmt(costs['teacher']['latency_s'], '.2f', 1e3)} ms) | ≤ 1.5× one backbone forward |")
+                    f"({fmt(costs['teacher']['latency_s'], '.2f', 1e3)} ms) | ≤ 1.5× one backbone forward |")
     result = _load(out_dir, "teacher_ensemble", tag)
     if result:
         seen(result)
         speed, config = result["speedup_vs_python_loop"], result["config"]
         rows.append(f"| (c) teacher ensemble, {config['members']} members, batch {config['batch']} | "
-                    f"`vmap` **{_fmt(speed.get('vmap'), '.2f')}×** a Python loop, `lax.map` "
-                    f"{_fmt(speed.get('lax_map'), '.2f')}× | vmap ≥ 3× the loop |")
+                    f"`vmap` **{fmt(speed.get('vmap'), '.2f')}×** a Python loop, `lax.map` "
+                    f"{fmt(speed.get('lax_map'), '.2f')}× | vmap ≥ 3× the loop |")
     result = _load(out_dir, "data_pipeline-c10", tag)
     if result:
         seen(result)
         for method, row in result["methods"].items():
-            rows.append(f"| (d) data pipeline, c10, batch {row['batch']} | {_fmt(row['pipeline_median_s'], '.2f', 1e3)}"
-                        f" ms of a {_fmt(row['step_median_s'], '.2f', 1e3)} ms {method.upper()} step: "
-                        f"**{_fmt(row['pipeline_share'], '.1%')}** | ≤ 10% of the step |")
+            rows.append(f"| (d) data pipeline, c10, batch {row['batch']} | {fmt(row['pipeline_median_s'], '.2f', 1e3)}"
+                        f" ms of a {fmt(row['step_median_s'], '.2f', 1e3)} ms {method.upper()} step: "
+                        f"**{fmt(row['pipeline_share'], '.1%')}** | ≤ 10% of the step |")
     for dtype in ("float32", "bfloat16"):
         result = _load(out_dir, "memory-c10" + ("-bfloat16" if dtype == "bfloat16" else ""), tag)
         if result:
@@ -499,7 +497,7 @@ def tables(out_dir: str, tag: str) -> str:
             for method, row in result["steps"].items():
                 peak = (row.get("device") or {}).get("peak_in_use")
                 estimate = (row.get("xla") or {}).get("peak_estimate")
-                cells.append(f"`{method}` {_fmt(peak, ',.0f')} (XLA {_fmt(estimate, ',.0f')})")
+                cells.append(f"`{method}` {fmt(peak, ',.0f')} (XLA {fmt(estimate, ',.0f')})")
             rows.append(f"| (e) memory, c10, batch {result['config']['batch']}, {dtype}: allocator peak "
                         f"(XLA's estimate), MiB per device | {', '.join(cells)} | reported |")
     result = _load(out_dir, "multiswag-c10-R10", tag)
@@ -507,26 +505,26 @@ def tables(out_dir: str, tag: str) -> str:
         seen(result)
         rows.append(f"| (g) MultiSWAG, {result['runs']} runs of the c10 teacher step ({result['model']}, "
                     f"batch {result['batch']}) | together ({result['vectorize']}) "
-                    f"{_fmt(result['together']['runs_images_per_s'], ',.0f')} runs × images/s, one by one "
-                    f"{_fmt(result['sequential']['runs_images_per_s'], ',.0f')}: **{_fmt(result['speedup'], '.2f')}×** "
+                    f"{fmt(result['together']['runs_images_per_s'], ',.0f')} runs × images/s, one by one "
+                    f"{fmt(result['sequential']['runs_images_per_s'], ',.0f')}: **{fmt(result['speedup'], '.2f')}×** "
                     f"| R = 10 together ≥ 3× sequential |")
     result = _load(out_dir, "streaming", tag)
     if result:
         seen(result)
         step = result["step"]
-        loaders = f"{_fmt(result['per_worker']['images_per_s'], ',.0f')} images/s per worker; " + ", ".join(
-            f"grain with {r['workers'] or 'no'} worker processes {_fmt(r['images_per_s'], ',.0f')} images/s "
-            f"over an epoch of {r['images']} ({_fmt(r['first_batch_s'], '.1f')} s to the first batch)"
+        loaders = f"{fmt(result['per_worker']['images_per_s'], ',.0f')} images/s per worker; " + ", ".join(
+            f"grain with {r['workers'] or 'no'} worker processes {fmt(r['images_per_s'], ',.0f')} images/s "
+            f"over an epoch of {r['images']} ({fmt(r['first_batch_s'], '.1f')} s to the first batch)"
             for r in result["loader"])
         rows.append(f"| (h) streaming, generated JPEGs -> {result['size']}² RandomResizedCrop, flip, "
                     f"RandAugment | {loaders}; ResNet-18 step, batch {step['batch']}: "
-                    f"{_fmt(step['streamed_step_s'], '.2f', 1e3)} ms streamed, "
-                    f"{_fmt(step['synthetic_step_s'], '.2f', 1e3)} ms synthetic: loader share "
-                    f"**{_fmt(step['loader_share'], '.1%')}** | ≤ 10% of the step |")
+                    f"{fmt(step['streamed_step_s'], '.2f', 1e3)} ms streamed, "
+                    f"{fmt(step['synthetic_step_s'], '.2f', 1e3)} ms synthetic: loader share "
+                    f"**{fmt(step['loader_share'], '.1%')}** | ≤ 10% of the step |")
     result = _load(out_dir, "zoo", tag)
     if result:
         seen(result)
-        cells = [f"{m} {_fmt(r['images_per_s'], ',.0f')} images/s ({_fmt(r['latency_ms_per_batch'], '.2f')} ms)"
+        cells = [f"{m} {fmt(r['images_per_s'], ',.0f')} images/s ({fmt(r['latency_ms_per_batch'], '.2f')} ms)"
                  for m, r in result["models"].items()]
         rows.append(f"| zoo forward, batch {result['batch']} | {', '.join(cells)} | – |")
     if rows:

@@ -10,23 +10,28 @@ import numpy as np
 from utils.errors import UserError
 
 
-def fmt(value, kind: str = "f4") -> str:
-    """One table cell: "pct" (a fraction as %), "int", "si" (1.2M), "ms" (seconds as ms) or four
-    decimals; a missing or non-finite value is a dash."""
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+def fmt(value, kind: str = "f4", scale: float = 1.0) -> str:
+    """One table cell of value × scale: "pct" (a fraction as %), "int", "si" (1.2M), "ms"
+    (seconds as ms), "f4" (four decimals) or any Python format spec (",.0f", ".1%"); a missing,
+    non-numeric or non-finite value is a dash."""
+    if (not isinstance(value, (int, float, np.number)) or isinstance(value, bool)
+            or not np.isfinite(value)):
         return "—"
+    value = value * scale
     if kind == "pct":
         return f"{100 * value:.2f}"
     if kind == "int":
         return str(int(value))
     if kind == "si":
-        for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-            if abs(value) >= scale:
-                return f"{value / scale:.3g}{unit}"
+        for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+            if abs(value) >= size:
+                return f"{value / size:.3g}{unit}"
         return f"{value:.3g}"
     if kind == "ms":
         return f"{1e3 * value:.1f}"
-    return f"{value:.4f}"
+    if kind == "f4":
+        return f"{value:.4f}"
+    return format(value, kind)
 
 
 def markdown_table(headers, rows) -> str:
