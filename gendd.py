@@ -265,7 +265,8 @@ def sample_features(head: DiffusionMLP, head_params, sampler, key, z, *, num_sam
     cond = jnp.repeat(z, num_samples * num_tokens, axis=0)
     tokens = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), b * num_samples)
     shape = (cond.shape[0], token_dim)
-    apply = lambda x, t, c, k: head.apply({"params": head_params}, x, t, c, k)
+    # p_sample gives every row the same timestep: the head embeds one scalar instead of N rows.
+    apply = lambda x, t, c, k: head.apply({"params": head_params}, x, t[0], c, k)
     if cfg_scale is None or cfg_scale == 1.0:
         model_fn = lambda x, t: apply(x, t, cond, tokens)
     else:
@@ -678,7 +679,8 @@ def build(config: GenDDConfig, dataset) -> Run:
     else:
         head = DiffusionMLP(token_dim=config.token_dim,
                             num_tokens=feature_dim // config.token_dim, width=config.head_width,
-                            depth=config.head_depth, cond_drop_prob=config.cond_drop_prob)
+                            depth=config.head_depth, cond_drop_prob=config.cond_drop_prob,
+                            num_timesteps=config.num_diffusion_steps)
         rows = jnp.zeros((1, config.token_dim))
         params["projector"] = nn.LayerNorm(epsilon=LAYERNORM_EPS).init(
             k_proj, jnp.zeros((1, student_dim)))["params"]

@@ -27,6 +27,7 @@ No I/O and no training logic lives here.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Tuple
 
 import flax.linen as nn
@@ -244,8 +245,10 @@ class DiffusionMLP(nn.Module):
     the AdaLN pieces above: an ε-prediction network with a learned-range variance channel.
 
     Inputs per row: a noisy token x_t [N, token_dim], the integer timestep t [N] of the training
-    process (0..T-1, *not* rescaled), the condition z [N, cond_dim] (the student's LayerNormed
-    pooled feature) and the token position k [N] in 0..num_tokens-1.
+    process (0..T-1, *not* rescaled; a scalar: the same for every row), the condition z [N,
+    cond_dim] (the student's LayerNormed pooled feature) and the token position k [N] in
+    0..num_tokens-1. The time MLP depends on t alone, so it runs once for a scalar t, and once
+    per timestep 0..T-1 (gathered by row) when `num_timesteps` = T is given and N > T.
 
         h = Dense(width)(x_t)
         y = TimeMLP(sinusoidal_embedding(t, 256)) + Dense(width)(z) + Embed(num_tokens, width)[k]
@@ -277,6 +280,8 @@ class DiffusionMLP(nn.Module):
     time_embed_dim: int = 256
     cond_drop_prob: float = 0.0
     max_period: float = 10000.0
+    # T, when t is an index 0..T-1 (training): more rows than T embed the T timesteps and gather.
+    num_timesteps: Optional[int] = None
 
     @nn.compact
     def __call__(self, x_t: Array, t: Array, cond: Array, token_ids: Optional[Array] = None,
@@ -295,17 +300,28 @@ class DiffusionMLP(nn.Module):
         if token_ids is None:
             token_ids = jnp.zeros(rows, jnp.int32)
         token_ids = jnp.broadcast_to(jnp.asarray(token_ids, jnp.int32), rows)
-        t = jnp.broadcast_to(jnp.asarray(t), rows)
 
         zeros = nn.initializers.zeros
         dense = lambda n, name, init=default_kernel_init: nn.Dense(
             n, kernel_init=init, bias_init=zeros, name=name)
         time_init = nn.initializers.normal(stddev=0.02)
+        time_in = dense(self.width, "time_in", time_init)
+        time_out = dense(self.width, "time_out", time_init)
+
+        def time_mlp(steps):
+            emb = sinusoidal_embedding(steps, self.time_embed_dim, self.max_period).astype(dtype)
+            return time_out(nn.silu(time_in(emb)))
 
         h = dense(self.width, "input_proj")(x_t)
-        temb = sinusoidal_embedding(t, self.time_embed_dim, self.max_period).astype(dtype)
-        temb = dense(self.width, "time_in", time_init)(temb)
-        temb = dense(self.width, "time_out", time_init)(nn.silu(temb))
+        # The time MLP is a function of t alone: run it once per distinct timestep where that is
+        # fewer rows than one per row (same values, less work).
+        t = jnp.asarray(t)
+        if t.ndim == 0:  # one timestep for every row (the sampler's steps)
+            temb = time_mlp(t)
+        elif self.num_timesteps is not None and math.prod(rows) > self.num_timesteps:
+            temb = time_mlp(jnp.arange(self.num_timesteps))[jnp.broadcast_to(t, rows)]
+        else:
+            temb = time_mlp(jnp.broadcast_to(t, rows))
         y = (temb + dense(self.width, "cond_proj")(cond)
              + nn.Embed(self.num_tokens, self.width,
                         embedding_init=nn.initializers.normal(stddev=1.0),

@@ -172,6 +172,33 @@ def test_timestep_and_token_position_are_used(small):
     assert apply(params, x, 3, c, None).shape == (4, 2 * TD)
 
 
+def test_time_mlp_once_per_timestep_equals_once_per_row(small):
+    """A scalar t (the sampler's steps) and, with num_timesteps = T and more rows than T, the T
+    timesteps embedded once and gathered: the same outputs and gradients as one time-MLP row per
+    row, and the NumPy spec."""
+    _, params = small
+    params = _perturbed(params)
+    num_timesteps, n = 8, 20  # more rows than timesteps: the table is used
+    x, _, c, k = _inputs(n)
+    t = jax.random.randint(jax.random.key(11), (n,), 0, num_timesteps)
+    per_row = DiffusionMLP(token_dim=TD, num_tokens=K, width=W, depth=DEPTH)
+    table = DiffusionMLP(token_dim=TD, num_tokens=K, width=W, depth=DEPTH, num_timesteps=num_timesteps)
+    loss = lambda net: jax.jit(jax.value_and_grad(
+        lambda p, c: jnp.sum(jnp.sin(net.apply(p, x, t, c, k))), argnums=(0, 1)))
+    (value, grads), (value_t, grads_t) = loss(per_row)(params, c), loss(table)(params, c)
+    np.testing.assert_allclose(value_t, value, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(grads_t), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(table.apply)(params, x, t, c, k),
+                               _reference_forward(params["params"], x, t, c, k), rtol=2e-4, atol=2e-4)
+    # a scalar timestep is embedded once and broadcast
+    scalar = jax.jit(per_row.apply)(params, x, 5, c, k)
+    np.testing.assert_allclose(scalar, jax.jit(per_row.apply)(params, x, jnp.full((n,), 5), c, k),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scalar, _reference_forward(params["params"], x, np.full(n, 5), c, k),
+                               rtol=2e-4, atol=2e-4)
+
+
 def test_wrong_token_width_raises(small):
     net, params = small
     with pytest.raises(ValueError, match="token_dim"):
