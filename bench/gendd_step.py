@@ -15,6 +15,11 @@ an MLP of the head's shapes (input, time and condition Linears, three adaLN bloc
 LayerNorm and SiLU, the final adaLN and output Linears) trained on a mean-square loss. That is
 the reference's arithmetic, not its code; the sum of the parts estimates its step.
 
+`--reference PATH`: the GenDD reference's own stage-2 step (its code, imported from a checkout at
+PATH, in a process of its own: bench/gendd_reference_step.py --serve), the two steps of a pair
+taking turns, one each per round, so that both see the same machine; `jax_step_over_reference`
+is the ratio of their medians.
+
 `--cpu_options`: the step as the trainer compiles it on the CPU (utils.trainer.CPU_STEP_OPTIONS:
 XLA:CPU's YNNPACK library fusions limited to reductions and dots, so the convolutions go to
 XLA's own kernels) and with XLA's defaults, timed alternately in the same process, and the
@@ -23,7 +28,10 @@ student's forward + backward the same way (bench/gendd_cpu_profile.md says why).
 All timings: medians after warm-up (utils.cost.measure_latency; PyTorch: the same rule by hand).
 """
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -49,7 +57,8 @@ def alternated(builds: dict, run, warmup: int, repeats: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False) -> dict:
+def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, reference=None) -> dict:
+    """This project's step and its parts; `reference` (a ReferenceStep) takes turns with the step."""
     import gendd
     from data.datasets import Dataset, Split
     from models import diffusion as gd
@@ -91,6 +100,19 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False) -
 
     timing = lambda fn, *a, jit=True: measure_latency(fn, *a, warmup=warmup, repeats=repeats, jit=jit)["median_s"]
     out = {"step_s": timing(call, *args, jit=False), "step_flops": flops}
+    if reference is not None:
+        turns = {"step_s": [], "reference_step_s": []}
+        for i in range(warmup + repeats):
+            time.sleep(0.2)  # the other side's idle threads stop spinning before a turn is timed
+            start = time.perf_counter()
+            jax.block_until_ready(call(*args))
+            elapsed = time.perf_counter() - start
+            time.sleep(0.2)
+            reference_s = reference.step()
+            if i >= warmup:
+                turns["step_s"].append(elapsed)
+                turns["reference_step_s"].append(reference_s)
+        out["alternated_with_reference"] = {k: float(np.median(v)) for k, v in turns.items()}
     if cpu_options:
         def train(build):  # the donated state threaded through
             nonlocal state
@@ -125,7 +147,8 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False) -
 
     num_tokens = teacher_vars["params"]["classifier"]["kernel"].shape[0] // config.token_dim
     head = gendd.DiffusionMLP(token_dim=config.token_dim, num_tokens=num_tokens, width=config.head_width,
-                              depth=config.head_depth, cond_drop_prob=config.cond_drop_prob)
+                              depth=config.head_depth, cond_drop_prob=config.cond_drop_prob,
+                              num_timesteps=config.num_diffusion_steps)  # as gendd.build's
     head_params = run.state.params["head"]
     rows = config.diffusion_batch_mul * BATCH * num_tokens
     student_dim = int(s_params["classifier"]["kernel"].shape[0])
@@ -205,18 +228,51 @@ def torch_parts(pair: str, rows: int, width: int, token_dim: int, student_dim: i
     return out
 
 
+class ReferenceStep:
+    """The reference's step of one pair in its own process (gendd_reference_step.py --serve):
+    `step()` runs one and returns its seconds; `header` names its torch and commit."""
+
+    def __init__(self, pair: str, reference: str):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gendd_reference_step.py")
+        self.process = subprocess.Popen([sys.executable, script, "--reference", reference, "--pairs", pair,
+                                         "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.header = json.loads(self._line())
+
+    def _line(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            sys.exit(f"error: the reference's step failed (exit {self.process.wait()}; its error is above)")
+        return line
+
+    def step(self) -> float:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        return float(self._line())
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), default=sorted(PAIRS))
     parser.add_argument("--torch", action="store_true", help="also the parts in PyTorch")
+    parser.add_argument("--reference", metavar="PATH",
+                        help="also the GenDD reference's own step, from its checkout at PATH")
     parser.add_argument("--cpu_options", action="store_true",
                         help="also the step built with CPU_OPTIONS, timed alternately with the default")
     common.add_run_args(parser)
     args = parser.parse_args(argv)
+    if args.reference:
+        import gendd_reference_step
+
+        gendd_reference_step.reference_root(args.reference)  # a wrong path fails now, not after the JAX timings
 
     results = {}
     for pair in args.pairs:
-        row = {"jax": jax_parts(pair, args.repeats, args.warmup, args.cpu_options)}
+        reference = ReferenceStep(pair, args.reference) if args.reference else None
+        row = {"jax": jax_parts(pair, args.repeats, args.warmup, args.cpu_options, reference)}
         j = row["jax"]
         j["parts_sum_s"] = j["teacher_forward_s"] + j["student_forward_backward_s"] + j["head_forward_backward_s"]
         j["images_per_s"] = BATCH / j["step_s"]
@@ -229,6 +285,15 @@ def main(argv=None):
                 alt = j[f"alternated_{part}_s"]
                 print(f"{pair} JAX {part}, alternated: XLA defaults {alt['default']:.3f} s, CPU_STEP_OPTIONS "
                       f"{alt['cpu_options']:.3f} s ({alt['default'] / alt['cpu_options']:.2f}x)")
+        if reference is not None:
+            reference.close()
+            turns = j.pop("alternated_with_reference")
+            row["reference"] = {"step_s": turns["reference_step_s"], **reference.header}
+            row["jax_step_over_reference"] = turns["step_s"] / turns["reference_step_s"]
+            print(f"{pair} taking turns with the reference's own step (PyTorch {reference.header['torch']}): "
+                  f"this step {turns['step_s']:.3f} s, the reference's {turns['reference_step_s']:.3f} s "
+                  f"({BATCH / turns['reference_step_s']:.1f} images/s): ratio {row['jax_step_over_reference']:.2f}")
+            j["step_taking_turns_s"] = turns["step_s"]
         if args.torch:
             t = torch_parts(pair, j["head_rows"], 1024, 64, j["student_dim"], args.repeats, args.warmup)
             row["torch"] = t
