@@ -206,3 +206,74 @@ def test_suite_warm_up_runs_in_parallel_and_logs(tmp_path):
 def test_peak_flops_unknown_on_cpu_and_override():
     assert common.peak_flops("float32") == (None, "unknown for cpu: pass --peak_flops")
     assert common.peak_flops("bfloat16", 2e12) == (2e12, "--peak_flops")
+
+
+# A stand-in for a checkout of the GenDD reference: its interfaces (model_dict, the networks'
+# `is_feat` forward and `.fc`, DiffModel's stage-2 (loss, probe logits)) on tiny torch modules,
+# each DiffModel forward counted in $CALLS.
+FAKE_REFERENCE_MODELS = '''
+import os
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body, self.fc = nn.Linear(3 * 32 * 32, 8), nn.Linear(8, num_classes)
+
+    def forward(self, x, is_feat=False, preact=False):
+        feature = self.body(x.flatten(1))
+        return ([feature], self.fc(feature)) if is_feat else self.fc(feature)
+
+
+class DiffModel(nn.Module):
+    def __init__(self, model, classifier, **flags):
+        super().__init__()
+        assert flags["diffusion_batch_mul"] == 30 and flags["stage"] == "stage-2", flags
+        self.model, self.classifier = model, classifier
+
+    def forward(self, x, y=None, target_feature=None):
+        with open(os.environ["CALLS"], "a") as calls:
+            calls.write("step\\n")
+        feats, _ = self.model(x, is_feat=True)
+        return ((feats[-1] - target_feature) ** 2).mean(), self.model.fc(feats[-1].detach())
+
+
+model_dict = {"resnet110": Net, "resnet32": Net, "DiffModel": DiffModel}
+'''
+
+
+@pytest.fixture
+def fake_reference(tmp_path, monkeypatch):
+    root = tmp_path / "reference" / "GenDD_cifar"
+    (root / "models").mkdir(parents=True)
+    (root / "diffloss.py").write_text("")
+    (root / "models" / "__init__.py").write_text(FAKE_REFERENCE_MODELS)
+    monkeypatch.setenv("CALLS", str(tmp_path / "calls.txt"))
+    return tmp_path
+
+
+def test_gendd_reference_step_runs_the_checkouts_step_and_takes_turns(fake_reference):
+    """gendd_reference_step.py runs the checkout's own step (warm-up + repeats of them); served,
+    one step per request, as gendd_step.py's turns use it; a folder that is not a checkout is
+    refused in one line before any timing."""
+    import gendd_step
+
+    script = os.path.join(BENCH, "gendd_reference_step.py")
+    reference, calls = fake_reference / "reference", fake_reference / "calls.txt"
+    done = subprocess.run([sys.executable, script, "--reference", str(reference), "--pairs", "res110_res32",
+                           "--repeats", "3", "--warmup", "1"], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)["res110_res32"]
+    positive(result["step_s"])
+    assert calls.read_text().count("step") == 4
+    calls.unlink()
+    served = gendd_step.ReferenceStep("res110_res32", str(reference))
+    assert served.header["reference_commit"] == "unknown"  # not a git checkout
+    positive(served.step(), served.step())
+    served.close()
+    assert calls.read_text().count("step") == 2
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "gendd_step.py"), "--reference",
+                          str(fake_reference)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "not a checkout of the GenDD reference" in bad.stderr
+    assert "JAX" not in bad.stdout  # refused before the timings
