@@ -1,11 +1,12 @@
-"""(h) GenDD's stage-2 step on CIFAR-100 (batch 64), whole and in parts, against PyTorch.
+"""(i) GenDD's stage-2 step on CIFAR-100 (batch 64), whole and in parts, against PyTorch.
 
     python bench/gendd_step.py --pairs res110_res32 res32x4_res8x4 [--torch]
 
 The step is gendd.py's, built by its `build` from config/distillation/gendd_c100_<pair>.yaml
 (M = 30 rows per token, a 1024-wide, 3-block diffusion head) with a random teacher export of the
 pair's architecture and generated CIFAR-100-shaped data, compiled by utils.trainer's step. Its
-FLOPs are XLA's cost analysis. Its parts, each jitted alone on the same shapes: the teacher's
+FLOPs are XLA's cost analysis. Its parts, each jitted alone on the same shapes and with the step's
+compile options (utils.trainer.step_compiler_options): the teacher's
 forward (eval mode), the student's forward (train mode) and forward + backward, and the
 diffusion head's training loss (ε-MSE + VB over the B·K·M rows) forward + backward.
 
@@ -67,7 +68,7 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
     from utils.config import parse_config
     from utils.cost import measure_latency, xla_flops
     from utils.trainer import (CPU_STEP_OPTIONS, batch_sharded, init_variables, make_mesh, make_train_step,
-                               put_replicated, replicated, to_global)
+                               put_replicated, replicated, step_compiler_options, to_global)
 
     teacher_arch, student_arch = PAIRS[pair]
     rng = np.random.default_rng(0)
@@ -98,8 +99,11 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
         state, metrics = compiled(state, *a)
         return metrics
 
-    timing = lambda fn, *a, jit=True: measure_latency(fn, *a, warmup=warmup, repeats=repeats, jit=jit)["median_s"]
-    out = {"step_s": timing(call, *args, jit=False), "step_flops": flops}
+    timing = lambda fn, *a: measure_latency(fn, *a, warmup=warmup, repeats=repeats, jit=False)["median_s"]
+    # each part compiled as the trainer compiles the step (its CPU options: XLA's own convolutions
+    # are faster in these forwards too), so that the parts are what the step runs
+    part = lambda fn, *a: timing(jax.jit(fn, compiler_options=step_compiler_options()), *a)
+    out = {"step_s": timing(call, *args), "step_flops": flops}
     if reference is not None:
         turns = {"step_s": [], "reference_step_s": []}
         for i in range(warmup + repeats):
@@ -127,7 +131,7 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
 
     x = jnp.asarray(rng.uniform(size=(BATCH, 32, 32, 3)), jnp.float32)
     teacher_vars = run.frozen["teacher"]
-    out["teacher_forward_s"] = timing(lambda v, x: teacher.apply(v, x, return_features=True).pooled,
+    out["teacher_forward_s"] = part(lambda v, x: teacher.apply(v, x, return_features=True).pooled,
                                       teacher_vars, x)
     student = build_model(student_arch, 100)
     s_params, s_state = init_variables(student, jax.random.PRNGKey(1), (32, 32, 3))
@@ -137,8 +141,8 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
                                mutable=list(s_state))
         return jnp.sum(out.pooled ** 2)
 
-    out["student_forward_s"] = timing(student_loss, s_params, x)
-    out["student_forward_backward_s"] = timing(jax.grad(student_loss), s_params, x)
+    out["student_forward_s"] = part(student_loss, s_params, x)
+    out["student_forward_backward_s"] = part(jax.grad(student_loss), s_params, x)
     if cpu_options:
         lowered = jax.jit(jax.grad(student_loss)).lower(s_params, x)
         out["alternated_student_forward_backward_s"] = alternated(
@@ -163,7 +167,7 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
         return gd.training_losses(diffusion, model_fn, jax.random.PRNGKey(6), x0)["loss"].mean()
 
     out["head_rows"], out["student_dim"] = rows, student_dim
-    out["head_forward_backward_s"] = timing(jax.grad(head_loss, argnums=(0, 2)), head_params, x0, cond)
+    out["head_forward_backward_s"] = part(jax.grad(head_loss, argnums=(0, 2)), head_params, x0, cond)
     return out
 
 
