@@ -6,9 +6,9 @@ The step is gendd.py's, built by its `build` from config/distillation/gendd_c100
 (M = 30 rows per token, a 1024-wide, 3-block diffusion head) with a random teacher export of the
 pair's architecture and generated CIFAR-100-shaped data, compiled by utils.trainer's step. Its
 FLOPs are XLA's cost analysis. Its parts, each jitted alone on the same shapes and with the step's
-compile options (utils.trainer.step_compiler_options): the teacher's
-forward (eval mode), the student's forward (train mode) and forward + backward, and the
-diffusion head's training loss (ε-MSE + VB over the B·K·M rows) forward + backward.
+compile options (utils.trainer.step_compiler_options): the teacher's forward (eval mode), the
+student's forward (train mode) and forward + backward, and the diffusion head's training loss
+(ε-MSE + VB over the B·K·M rows) forward + backward.
 
 `--torch`: the same parts in PyTorch on this CPU (torch is a dev dependency): the CIFAR networks
 of tests/models/repdistiller_torch.py (RepDistiller's definitions, written in this project) and
