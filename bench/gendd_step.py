@@ -37,20 +37,22 @@ import tempfile
 import time
 
 import common
+import gendd_reference_step  # the pairs and the checkout's check (it imports no JAX, no project)
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PAIRS = {"res110_res32": ("resnet110", "resnet32"), "res32x4_res8x4": ("resnet32x4", "resnet8x4")}
+PAIRS = {pair: (teacher, student) for pair, (teacher, student, _) in gendd_reference_step.PAIRS.items()}
 BATCH = 64
 
 
-def alternated(builds: dict, run, warmup: int, repeats: int) -> dict:
-    """{name: median seconds} of `run(build)` for each compiled build, the builds taking turns
-    in every round, so that all of them see the same machine."""
+def alternated(builds: dict, run, warmup: int, repeats: int, pause_s: float = 0.0) -> dict:
+    """{name: median seconds} of `run(build)` for each build, the builds taking turns in every
+    round, so that all of them see the same machine; `pause_s` before each turn."""
     times = {name: [] for name in builds}
     for i in range(warmup + repeats):
         for name, build in builds.items():
+            time.sleep(pause_s)
             start = time.perf_counter()
             jax.block_until_ready(run(build))
             if i >= warmup:
@@ -104,19 +106,10 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
     # are faster in these forwards too), so that the parts are what the step runs
     part = lambda fn, *a: timing(jax.jit(fn, compiler_options=step_compiler_options()), *a)
     out = {"step_s": timing(call, *args), "step_flops": flops}
-    if reference is not None:
-        turns = {"step_s": [], "reference_step_s": []}
-        for i in range(warmup + repeats):
-            time.sleep(0.2)  # the other side's idle threads stop spinning before a turn is timed
-            start = time.perf_counter()
-            jax.block_until_ready(call(*args))
-            elapsed = time.perf_counter() - start
-            time.sleep(0.2)
-            reference_s = reference.step()
-            if i >= warmup:
-                turns["step_s"].append(elapsed)
-                turns["reference_step_s"].append(reference_s)
-        out["alternated_with_reference"] = {k: float(np.median(v)) for k, v in turns.items()}
+    if reference is not None:  # the pause: the other side's idle threads stop spinning first
+        out["alternated_with_reference"] = alternated(
+            {"step_s": lambda: call(*args), "reference_step_s": reference.step}, lambda build: build(),
+            warmup, repeats, pause_s=0.2)
     if cpu_options:
         def train(build):  # the donated state threaded through
             nonlocal state
@@ -269,8 +262,6 @@ def main(argv=None):
     common.add_run_args(parser)
     args = parser.parse_args(argv)
     if args.reference:
-        import gendd_reference_step
-
         gendd_reference_step.reference_root(args.reference)  # a wrong path fails now, not after the JAX timings
 
     results = {}

@@ -404,7 +404,7 @@ class Trainer:
                 raise ValueError("runs trained together export their last epoch: select_metric None")
             runs_step = make_runs_train_step(self.loss_fn, self.optimizer, self.ema_decay,
                                              self.mesh, self.vectorize)
-            seeds = to_global(np.asarray(self.run_seeds, np.int32), replicated(self.mesh))
+            seeds = put_replicated(np.asarray(self.run_seeds, np.int32), self.mesh)
             self._train_step = lambda states, frozen, *inputs: runs_step(states, seeds, frozen, *inputs)
         self.evaluate = make_evaluator(self.eval_fn, self.mesh)
         self.last_val = self._val_from({})  # the latest validation metrics (a dict per run together)
