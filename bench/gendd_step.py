@@ -8,7 +8,11 @@ pair's architecture and generated CIFAR-100-shaped data, compiled by utils.train
 FLOPs are XLA's cost analysis. Its parts, each jitted alone on the same shapes and with the step's
 compile options (utils.trainer.step_compiler_options): the teacher's forward (eval mode), the
 student's forward (train mode) and forward + backward, and the diffusion head's training loss
-(ε-MSE + VB over the B·K·M rows) forward + backward.
+(ε-MSE + VB over the B·K·M rows) forward + backward. MFU = the step's FLOPs / its median /
+(--peak_flops or bench/common.py's peak of the device, float32: TF32 on NVIDIA GPUs).
+
+Smaller runs (bench/accelerator_suite.sh's smoke): --teacher/--student replace the pair's
+networks, --batch the recipe's 64, --head_width and --diffusion_batch_mul the YAML's head.
 
 `--torch`: the same parts in PyTorch on this CPU (torch is a dev dependency): the CIFAR networks
 of tests/models/repdistiller_torch.py (RepDistiller's definitions, written in this project) and
@@ -43,7 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 
 PAIRS = {pair: (teacher, student) for pair, (teacher, student, _) in gendd_reference_step.PAIRS.items()}
-BATCH = 64
+BATCH = 64  # the recipe's
+HEAD_KEYS = ("head_width", "diffusion_batch_mul")  # config keys a smaller run may override
+
+
+def head_flags(args) -> list:
+    """--key value flags of the head's sizes given on the command line (the YAML's otherwise)."""
+    return [flag for key in HEAD_KEYS if getattr(args, key) is not None for flag in (f"--{key}", str(getattr(args, key)))]
 
 
 def alternated(builds: dict, run, warmup: int, repeats: int, pause_s: float = 0.0) -> dict:
@@ -60,8 +70,15 @@ def alternated(builds: dict, run, warmup: int, repeats: int, pause_s: float = 0.
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, reference=None) -> dict:
-    """This project's step and its parts; `reference` (a ReferenceStep) takes turns with the step."""
+def networks(pair: str, args) -> tuple:
+    """(teacher, student) architectures: the pair's, or --teacher/--student's."""
+    teacher_arch, student_arch = PAIRS[pair]
+    return args.teacher or teacher_arch, args.student or student_arch
+
+
+def jax_parts(pair: str, args, reference=None) -> dict:
+    """This project's step and its parts (the sizes and timing of `args`); `reference` (a
+    ReferenceStep) takes turns with the step."""
     import gendd
     from data.datasets import Dataset, Split
     from models import diffusion as gd
@@ -72,10 +89,11 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
     from utils.trainer import (CPU_STEP_OPTIONS, batch_sharded, init_variables, make_mesh, make_train_step,
                                put_replicated, replicated, step_compiler_options, to_global)
 
-    teacher_arch, student_arch = PAIRS[pair]
+    teacher_arch, student_arch = networks(pair, args)
+    batch, repeats, warmup, cpu_options = args.batch, args.repeats, args.warmup, args.cpu_options
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (4 * BATCH, 32, 32, 3), dtype=np.uint8)
-    labels = rng.integers(0, 100, 4 * BATCH).astype(np.int32)
+    images = rng.integers(0, 256, (4 * batch, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 100, 4 * batch).astype(np.int32)
     split = Split(images, labels)
     dataset = Dataset("CIFAR100_x32", 100, (32, 32, 3), (0.5,) * 3, (0.25,) * 3, split, split, split)
     with tempfile.TemporaryDirectory() as root:
@@ -84,17 +102,19 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
         save_resnet(os.path.join(root, "teacher"), teacher, params, model_state, data_name="CIFAR100_x32")
         config = parse_config(gendd.GenDDConfig, [
             "--config", os.path.join(common.ROOT, "config", "distillation", f"gendd_c100_{pair}.yaml"),
-            "--teacher_dir", os.path.join(root, "teacher"), "--gendd_stage", "2", "--optim_bs", str(BATCH)])
+            "--teacher_dir", os.path.join(root, "teacher"), "--gendd_stage", "2", "--optim_bs", str(batch),
+            "--model_arch", student_arch, *head_flags(args)])
         run = gendd.build(config, dataset)
 
     mesh = make_mesh()
     step = make_train_step(run.loss_fn, run.optimizer, 0, 0.0, mesh)
     state = put_replicated(run.state, mesh)
     args = (put_replicated(run.frozen, mesh), to_global(images, replicated(mesh)),
-            to_global(labels, replicated(mesh)), to_global(np.arange(BATCH, dtype=np.int32), batch_sharded(mesh)),
-            to_global(np.ones(BATCH, bool), batch_sharded(mesh)))
+            to_global(labels, replicated(mesh)), to_global(np.arange(batch, dtype=np.int32), batch_sharded(mesh)),
+            to_global(np.ones(batch, bool), batch_sharded(mesh)))
     compiled = step.lower(state, *args).compile()
-    flops = xla_flops(step, state, *args, compiled=compiled).flops
+    # XLA analyses the per-device program of the data-parallel step: the step's total is that x devices
+    flops = xla_flops(step, state, *args, compiled=compiled).flops * mesh.size
 
     def call(*a):  # the donated state threaded through, as in training
         nonlocal state
@@ -105,7 +125,7 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
     # each part compiled as the trainer compiles the step (its CPU options: XLA's own convolutions
     # are faster in these forwards too), so that the parts are what the step runs
     part = lambda fn, *a: timing(jax.jit(fn, compiler_options=step_compiler_options()), *a)
-    out = {"step_s": timing(call, *args), "step_flops": flops}
+    out = {"step_s": timing(call, *args), "step_flops": flops, "devices": mesh.size}
     if reference is not None:  # the pause: the other side's idle threads stop spinning first
         out["alternated_with_reference"] = alternated(
             {"step_s": lambda: call(*args), "reference_step_s": reference.step}, lambda build: build(),
@@ -122,7 +142,7 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
             train, warmup, repeats)
         out["cpu_options"] = CPU_STEP_OPTIONS
 
-    x = jnp.asarray(rng.uniform(size=(BATCH, 32, 32, 3)), jnp.float32)
+    x = jnp.asarray(rng.uniform(size=(batch, 32, 32, 3)), jnp.float32)
     teacher_vars = run.frozen["teacher"]
     out["teacher_forward_s"] = part(lambda v, x: teacher.apply(v, x, return_features=True).pooled,
                                       teacher_vars, x)
@@ -147,7 +167,7 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
                               depth=config.head_depth, cond_drop_prob=config.cond_drop_prob,
                               num_timesteps=config.num_diffusion_steps)  # as gendd.build's
     head_params = run.state.params["head"]
-    rows = config.diffusion_batch_mul * BATCH * num_tokens
+    rows = config.diffusion_batch_mul * batch * num_tokens
     student_dim = int(s_params["classifier"]["kernel"].shape[0])
     x0 = jax.random.normal(jax.random.PRNGKey(3), (rows, config.token_dim))
     cond = jax.random.normal(jax.random.PRNGKey(4), (rows, student_dim))
@@ -159,19 +179,18 @@ def jax_parts(pair: str, repeats: int, warmup: int, cpu_options: bool = False, r
                                             rngs={"dropout": jax.random.PRNGKey(5)})
         return gd.training_losses(diffusion, model_fn, jax.random.PRNGKey(6), x0)["loss"].mean()
 
-    out["head_rows"], out["student_dim"] = rows, student_dim
+    out.update(head_rows=rows, head_width=config.head_width, token_dim=config.token_dim, student_dim=student_dim)
     out["head_forward_backward_s"] = part(jax.grad(head_loss, argnums=(0, 2)), head_params, x0, cond)
     return out
 
 
-def torch_parts(pair: str, rows: int, width: int, token_dim: int, student_dim: int, repeats: int,
-                warmup: int) -> dict:
+def torch_parts(teacher_arch: str, student_arch: str, batch: int, rows: int, width: int, token_dim: int,
+                student_dim: int, repeats: int, warmup: int) -> dict:
     import torch
 
     from tests.models import repdistiller_torch
 
     torch.set_num_threads(os.cpu_count())
-    teacher_arch, student_arch = PAIRS[pair]
 
     def median(fn):
         times = []
@@ -182,7 +201,7 @@ def torch_parts(pair: str, rows: int, width: int, token_dim: int, student_dim: i
                 times.append(time.perf_counter() - start)
         return float(np.median(times))
 
-    x = torch.rand(BATCH, 3, 32, 32)
+    x = torch.rand(batch, 3, 32, 32)
     teacher = repdistiller_torch.build(teacher_arch, 100).eval()
     student = repdistiller_torch.build(student_arch, 100).train()
 
@@ -259,21 +278,34 @@ def main(argv=None):
                         help="also the GenDD reference's own step, from its checkout at PATH")
     parser.add_argument("--cpu_options", action="store_true",
                         help="also the step built with CPU_OPTIONS, timed alternately with the default")
+    sizes = parser.add_argument_group("smaller runs (the suite's smoke): the recipe's sizes unless given")
+    sizes.add_argument("--batch", type=int, default=BATCH)
+    sizes.add_argument("--teacher", help="the teacher's architecture instead of the pair's (e.g. resnet8)")
+    sizes.add_argument("--student", help="the student's architecture instead of the pair's")
+    sizes.add_argument("--head_width", type=int, help="the diffusion head's width (the YAML's: 1024)")
+    sizes.add_argument("--diffusion_batch_mul", type=int, help="M, rows per token (the YAML's: 30)")
+    parser.add_argument("--peak_flops", type=float, help="peak FLOP/s of one device (for MFU)")
     common.add_run_args(parser)
     args = parser.parse_args(argv)
     if args.reference:
+        if args.batch != BATCH or args.teacher or args.student or head_flags(args):
+            parser.error("--reference times the reference's recipe: drop the size flags")
         gendd_reference_step.reference_root(args.reference)  # a wrong path fails now, not after the JAX timings
+    peak, peak_source = common.peak_flops("float32", args.peak_flops)
 
     results = {}
     for pair in args.pairs:
         reference = ReferenceStep(pair, args.reference) if args.reference else None
-        row = {"jax": jax_parts(pair, args.repeats, args.warmup, args.cpu_options, reference)}
+        row = {"jax": jax_parts(pair, args, reference)}
         j = row["jax"]
+        j["teacher"], j["student"] = networks(pair, args)
         j["parts_sum_s"] = j["teacher_forward_s"] + j["student_forward_backward_s"] + j["head_forward_backward_s"]
-        j["images_per_s"] = BATCH / j["step_s"]
-        print(f"{pair} JAX: step {j['step_s']:.3f} s ({j['images_per_s']:.1f} images/s, "
-              f"{j['step_flops'] / 1e9:.0f} GFLOP); teacher {j['teacher_forward_s']:.3f}, student fwd "
-              f"{j['student_forward_s']:.3f} / fwd+bwd {j['student_forward_backward_s']:.3f}, head "
+        j["images_per_s"] = args.batch / j["step_s"]
+        j["mfu"] = common.ratio(j["step_flops"] / j["step_s"], peak * j["devices"] if peak else None)
+        print(f"{pair} JAX ({j['teacher']} -> {j['student']}, batch {args.batch}): step {j['step_s']:.3f} s "
+              f"({j['images_per_s']:.1f} images/s, {j['step_flops'] / 1e9:.0f} GFLOP"
+              + (f", MFU {j['mfu']:.1%}" if j["mfu"] is not None else "") + f"); teacher {j['teacher_forward_s']:.3f}, "
+              f"student fwd {j['student_forward_s']:.3f} / fwd+bwd {j['student_forward_backward_s']:.3f}, head "
               f"fwd+bwd {j['head_forward_backward_s']:.3f} ({j['head_rows']} rows)")
         if args.cpu_options:
             for part in ("step", "student_forward_backward"):
@@ -290,7 +322,8 @@ def main(argv=None):
                   f"({BATCH / turns['reference_step_s']:.1f} images/s): ratio {row['jax_step_over_reference']:.2f}")
             j["step_taking_turns_s"] = turns["step_s"]
         if args.torch:
-            t = torch_parts(pair, j["head_rows"], 1024, 64, j["student_dim"], args.repeats, args.warmup)
+            t = torch_parts(j["teacher"], j["student"], args.batch, j["head_rows"], j["head_width"], j["token_dim"],
+                            j["student_dim"], args.repeats, args.warmup)
             row["torch"] = t
             row["jax_over_torch"] = {k: j[k] / t[k] for k in ("teacher_forward_s", "student_forward_s",
                                                                "student_forward_backward_s",
@@ -299,9 +332,10 @@ def main(argv=None):
             print(f"{pair} PyTorch {t['torch']}: teacher {t['teacher_forward_s']:.3f}, student fwd "
                   f"{t['student_forward_s']:.3f} / fwd+bwd {t['student_forward_backward_s']:.3f}, head "
                   f"fwd+bwd {t['head_forward_backward_s']:.3f}; step estimate {t['step_estimate_s']:.3f} s "
-                  f"({BATCH / t['step_estimate_s']:.1f} images/s)")
+                  f"({args.batch / t['step_estimate_s']:.1f} images/s)")
         results[pair] = row
-    common.save("gendd_step", {"batch": BATCH, "pairs": results}, args.out_dir)
+    common.save("gendd_step", {"batch": args.batch, "config": vars(args), "peak_flops_per_device": peak,
+                               "peak_source": peak_source, "pairs": results}, args.out_dir)
 
 
 if __name__ == "__main__":

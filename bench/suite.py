@@ -11,6 +11,8 @@ limit, the results named after the device; `--smoke` runs the same steps at the 
 The steps (accelerator_steps(); a step's key is the name of the JSON it writes):
   throughput-{c10,c100}[-bfloat16]   sgd_swag, KD and EDFM train steps: images/s, FLOPs, MFU
   zoo_train[-bfloat16]               ResNet-18/50 training step at 224x224 (synthetic): MFU
+  gendd_step                         GenDD's stage-2 step, both CIFAR-100 pairs, batch 64, and
+                                     its parts (teacher forward, student, diffusion head): MFU
   edfm_latency-c10                   EDFM, 32 members x 13 evaluations, against one backbone
                                      forward and the 30-member teacher ensemble
   data_pipeline-c10                  gather + augmentation + mixup against the KD step
@@ -70,6 +72,7 @@ from typing import Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+import gendd_reference_step  # noqa: E402  (the GenDD pairs; imports neither JAX nor the project)
 from utils.reporting import fmt  # noqa: E402  (light: no JAX in this driver process)
 MIN_STEP_S = 10  # a step that would get less is skipped
 BUDGET_S = 470  # the whole suite on an accelerator (the issue: under 8 minutes on one GPU)
@@ -126,6 +129,10 @@ def accelerator_steps() -> list:
                           argv + ["--repeats", "20", "--warmup", "3"], 35,
                           [_timing_once(["--train", "--models", m, "--batch", "128", "--dtype", dtype])
                            for m in IMAGENET_MODELS]))
+    # GenDD's stage-2 step at the recipe's batch (64), both CIFAR-100 pairs, whole and in parts.
+    pairs = sorted(gendd_reference_step.PAIRS)
+    steps.append(Step("gendd_step", "gendd_step.py", ["--pairs", *pairs, "--repeats", "20", "--warmup", "3"], 60,
+                      [_timing_once(["--pairs", pair]) for pair in pairs]))
     edfm = ["--preset", "c10", "--batch", "128", "--members", "32", "--teacher_members", "30"]
     steps.append(Step("edfm_latency-c10", "edfm_latency.py", edfm + ["--repeats", "20", "--warmup", "3"],
                       35, [_timing_once(edfm)]))
@@ -173,6 +180,9 @@ def smoke_steps() -> list:
               "--methods", "sgd_swag"], 600),
         Step("edfm_latency-c10", "edfm_latency.py", ["--preset", "c10", *SMOKE_SIZES, *SMOKE_TIMING,
                                                      "--members", "2", "--teacher_members", "2"], 600),
+        Step("gendd_step", "gendd_step.py", ["--pairs", "res110_res32", "--teacher", "resnet8", "--student",
+                                             "resnet8", "--batch", "4", "--head_width", "32",
+                                             "--diffusion_batch_mul", "2", *SMOKE_TIMING, *SMOKE_PEAK], 600),
         Step("zoo_train", "zoo.py", zoo_train + ["--dtype", "float32"], 600),
         Step("zoo_train-bfloat16", "zoo.py", zoo_train + ["--dtype", "bfloat16"], 600),
         Step("zoo", "zoo.py", ["--models", "resnet8", "--batch", "2", *SMOKE_TIMING], 600,
@@ -222,6 +232,13 @@ def figures(result: dict) -> dict:
                 out[f"{model}.{key}"] = row[key]
             if result.get("peak_flops_per_device"):
                 out[f"{model}.mfu"] = row["mfu"]
+    elif name == "gendd_step":
+        for pair, row in result["pairs"].items():
+            for key in ("step_s", "images_per_s", "step_flops", "teacher_forward_s", "student_forward_backward_s",
+                        "head_forward_backward_s"):
+                out[f"{pair}.{key}"] = row["jax"][key]
+            if result.get("peak_flops_per_device"):
+                out[f"{pair}.mfu"] = row["jax"]["mfu"]
     elif name == "zoo":
         for model, row in result["models"].items():
             for key in ("params", "flops_per_input", "latency_ms_per_batch", "images_per_s"):
@@ -456,8 +473,16 @@ def tables(out_dir: str, tag: str) -> str:
                 rows.append(f"| {model} {shape} (synthetic) | {dtype} | SGD step | {row['batch']} | "
                             f"{fmt(row['images_per_s'], ',.0f')} | {fmt(row['step_ms'], '.2f')} | "
                             f"{fmt(row['flops_per_step'], '.3g')} | {fmt(row.get('mfu'), '.1%')} |")
+    result = _load(out_dir, "gendd_step", tag)
+    if result:
+        seen(result)
+        for pair, row in result["pairs"].items():
+            j = row["jax"]
+            rows.append(f"| GenDD stage 2, c100 ({j['teacher']} → {j['student']}) | float32 | gendd | "
+                        f"{result['batch']} | {fmt(j['images_per_s'], ',.0f')} | {fmt(j['step_s'], '.2f', 1e3)} | "
+                        f"{fmt(j['step_flops'], '.3g')} | {fmt(j.get('mfu'), '.1%')} |")
     if rows:
-        lines += ["**Training throughput** (`throughput-*`, `zoo_train-*`; MFU against "
+        lines += ["**Training throughput** (`throughput-*`, `zoo_train-*`, `gendd_step`; MFU against "
                   "bench/common.py's peak table: TF32 for float32, bf16 dense for bfloat16)", "",
                   "| preset / network | dtype | step | batch | images/s | ms per step | FLOPs per step | MFU |",
                   "|---|---|---|---|---|---|---|---|", *rows, ""]

@@ -56,6 +56,23 @@ def check_throughput(out):
     assert steps["kd"]["flops_per_step"] > steps["sgd_swag"]["flops_per_step"]
 
 
+def check_gendd_step(out):
+    """GenDD's stage-2 step at the smoke's sizes (resnet8 -> resnet8, batch 4, M = 2, a 32-wide
+    head): the networks and sizes asked for, images/s = batch / step, MFU = FLOPs / step / (peak x
+    devices), the head's rows B·K·M (one 64-dim token per image), the parts' sum."""
+    result = load(out, "gendd_step")
+    assert result["benchmark"] == "gendd_step" and result["peak_flops_per_device"] == 1e12
+    assert list(result["pairs"]) == ["res110_res32"] and result["batch"] == 4
+    j = result["pairs"]["res110_res32"]["jax"]
+    assert (j["teacher"], j["student"], j["devices"], j["head_width"]) == ("resnet8", "resnet8", DEVICES, 32)
+    assert j["head_rows"] == 2 * 4 * 1
+    positive(j["step_s"], j["step_flops"], j["mfu"])
+    assert j["images_per_s"] == pytest.approx(4 / j["step_s"])
+    assert j["mfu"] == pytest.approx(j["step_flops"] / j["step_s"] / (DEVICES * 1e12))
+    assert j["parts_sum_s"] == pytest.approx(j["teacher_forward_s"] + j["student_forward_backward_s"]
+                                             + j["head_forward_backward_s"])
+
+
 def check_zoo(out):
     """The forward: resnet8's parameters are RepDistiller's (100 classes), its FLOPs about twice
     its multiply-adds (12.5M per 32x32 input; XLA skips the zero padding's, so a little less).
@@ -151,8 +168,10 @@ def test_accelerator_suite_smoke_writes_every_benchmark(tmp_path):
     check_edfm_latency(tmp_path)
     check_memory(tmp_path)
     check_teacher_ensemble(tmp_path)
+    check_gendd_step(tmp_path)
     tables = (tmp_path / "tables-cpu.md").read_text()
     assert f"Device: **{DEVICES} x CPU" in tables and "| c10 (ResNet-8×1) | float32 | kd | 8 |" in tables
+    assert "| GenDD stage 2, c100 (resnet8 → resnet8) | float32 | gendd | 4 |" in tables
 
 
 def test_suite_plan_covers_every_benchmark_and_fits_its_budget():
@@ -162,14 +181,15 @@ def test_suite_plan_covers_every_benchmark_and_fits_its_budget():
     plan = {step.key: step for step in suite.accelerator_steps()}
     assert {f"throughput-{p}{d}" for p in ("c10", "c100") for d in ("", "-bfloat16")} <= set(plan)
     assert {"zoo_train", "zoo_train-bfloat16", "edfm_latency-c10", "data_pipeline-c10", "memory-c10",
-            "memory-c10-bfloat16", "teacher_ensemble", "zoo", "streaming", "multiswag-c10-R10"} <= set(plan)
+            "memory-c10-bfloat16", "teacher_ensemble", "zoo", "streaming", "multiswag-c10-R10",
+            "gendd_step"} <= set(plan)
     assert "resnet18,resnet50" in plan["zoo_train"].argv and "--train" in plan["zoo_train"].argv
     assert suite.BUDGET_S < 8 * 60 and all(suite.MIN_STEP_S <= s.budget_s < suite.BUDGET_S for s in plan.values())
     smoke = suite.smoke_steps()
     assert {s.key for s in smoke} <= set(plan)
     assert {s.script for s in smoke} == {s.script for s in plan.values()} == {
         "throughput.py", "zoo.py", "edfm_latency.py", "data_pipeline.py", "memory.py", "teacher_ensemble.py",
-        "streaming.py", "multiswag.py"}
+        "streaming.py", "multiswag.py", "gendd_step.py"}
     # Every command line of the GPU plan (timed and warm-up) parses with its script's parser.
     class Parsed(Exception):
         pass
@@ -256,8 +276,8 @@ def fake_reference(tmp_path, monkeypatch):
 
 def test_gendd_reference_step_runs_the_checkouts_step_and_takes_turns(fake_reference):
     """gendd_reference_step.py runs the checkout's own step (warm-up + repeats of them); served,
-    one step per request, as gendd_step.py's turns use it; a folder that is not a checkout is
-    refused in one line before any timing."""
+    one step per request, as gendd_step.py's turns use it; a folder that is not a checkout, or
+    the reference beside a smaller step, is refused in one line before any timing."""
     import gendd_step
 
     script = os.path.join(BENCH, "gendd_reference_step.py")
@@ -277,3 +297,7 @@ def test_gendd_reference_step_runs_the_checkouts_step_and_takes_turns(fake_refer
                           str(fake_reference)], capture_output=True, text=True)
     assert bad.returncode != 0 and "not a checkout of the GenDD reference" in bad.stderr
     assert "JAX" not in bad.stdout  # refused before the timings
+    # The reference runs its recipe: a smaller JAX step beside it would be no comparison.
+    smaller = subprocess.run([sys.executable, os.path.join(BENCH, "gendd_step.py"), "--reference", str(reference),
+                              "--batch", "4"], capture_output=True, text=True)
+    assert smaller.returncode == 2 and "drop the size flags" in smaller.stderr and "JAX" not in smaller.stdout
