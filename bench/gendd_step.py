@@ -53,7 +53,8 @@ HEAD_KEYS = ("head_width", "diffusion_batch_mul")  # config keys a smaller run m
 
 def head_flags(args) -> list:
     """--key value flags of the head's sizes given on the command line (the YAML's otherwise)."""
-    return [flag for key in HEAD_KEYS if getattr(args, key) is not None for flag in (f"--{key}", str(getattr(args, key)))]
+    given = {key: getattr(args, key) for key in HEAD_KEYS if getattr(args, key) is not None}
+    return [flag for key, value in given.items() for flag in (f"--{key}", str(value))]
 
 
 def alternated(builds: dict, run, warmup: int, repeats: int, pause_s: float = 0.0) -> dict:
@@ -109,12 +110,12 @@ def jax_parts(pair: str, args, reference=None) -> dict:
     mesh = make_mesh()
     step = make_train_step(run.loss_fn, run.optimizer, 0, 0.0, mesh)
     state = put_replicated(run.state, mesh)
-    args = (put_replicated(run.frozen, mesh), to_global(images, replicated(mesh)),
+    inputs = (put_replicated(run.frozen, mesh), to_global(images, replicated(mesh)),
             to_global(labels, replicated(mesh)), to_global(np.arange(batch, dtype=np.int32), batch_sharded(mesh)),
             to_global(np.ones(batch, bool), batch_sharded(mesh)))
-    compiled = step.lower(state, *args).compile()
+    compiled = step.lower(state, *inputs).compile()
     # XLA analyses the per-device program of the data-parallel step: the step's total is that x devices
-    flops = xla_flops(step, state, *args, compiled=compiled).flops * mesh.size
+    flops = xla_flops(step, state, *inputs, compiled=compiled).flops * mesh.size
 
     def call(*a):  # the donated state threaded through, as in training
         nonlocal state
@@ -125,20 +126,20 @@ def jax_parts(pair: str, args, reference=None) -> dict:
     # each part compiled as the trainer compiles the step (its CPU options: XLA's own convolutions
     # are faster in these forwards too), so that the parts are what the step runs
     part = lambda fn, *a: timing(jax.jit(fn, compiler_options=step_compiler_options()), *a)
-    out = {"step_s": timing(call, *args), "step_flops": flops, "devices": mesh.size}
+    out = {"step_s": timing(call, *inputs), "step_flops": flops, "devices": mesh.size}
     if reference is not None:  # the pause: the other side's idle threads stop spinning first
         out["alternated_with_reference"] = alternated(
-            {"step_s": lambda: call(*args), "reference_step_s": reference.step}, lambda build: build(),
+            {"step_s": lambda: call(*inputs), "reference_step_s": reference.step}, lambda build: build(),
             warmup, repeats, pause_s=0.2)
     if cpu_options:
         def train(build):  # the donated state threaded through
             nonlocal state
-            state, metrics = build(state, *args)
+            state, metrics = build(state, *inputs)
             return metrics
 
         out["alternated_step_s"] = alternated(
             {"default": make_train_step(run.loss_fn, run.optimizer, 0, 0.0, mesh, xla_defaults=True)
-             .lower(state, *args).compile(), "cpu_options": compiled},
+             .lower(state, *inputs).compile(), "cpu_options": compiled},
             train, warmup, repeats)
         out["cpu_options"] = CPU_STEP_OPTIONS
 

@@ -304,3 +304,28 @@ def test_gendd_reference_step_runs_the_checkouts_step_and_takes_turns(fake_refer
     smaller = subprocess.run([sys.executable, os.path.join(BENCH, "gendd_step.py"), "--reference", str(reference),
                               "--batch", "4"], capture_output=True, text=True)
     assert smaller.returncode == 2 and "drop the size flags" in smaller.stderr and "JAX" not in smaller.stdout
+
+
+def test_throughput_vs_commit_takes_turns_with_the_base_checkout(tmp_path):
+    """bench/throughput_vs_commit.py runs throughput.py at the base commit (a git worktree,
+    removed afterwards) and at this checkout, taking turns; speedup = base's median / this one's;
+    a base that is no commit is refused in one line before anything runs."""
+    import throughput_vs_commit
+
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    worktrees = subprocess.run(["git", "-C", ROOT, "worktree", "list"], capture_output=True, text=True).stdout
+    methods = throughput_vs_commit.main([
+        "--base", "HEAD", "--rounds", "1", "--out_dir", str(tmp_path), "--", "--preset", "c10", *suite.SMOKE_TRAIN,
+        *suite.SMOKE_TIMING, "--methods", "sgd_swag", "--skip_flops"])
+    result = load(tmp_path, "throughput_vs_commit")
+    assert result["base"] == result["this"] == head and result["rounds"] == 1 and list(methods) == ["sgd_swag"]
+    row = result["methods"]["sgd_swag"]
+    positive(row["base_median_s"], row["this_median_s"])
+    assert row["base_runs_s"] == [row["base_median_s"]] and row["this_runs_s"] == [row["this_median_s"]]
+    assert row["speedup"] == pytest.approx(row["base_median_s"] / row["this_median_s"])
+    assert subprocess.run(["git", "-C", ROOT, "worktree", "list"], capture_output=True,
+                          text=True).stdout == worktrees  # the base's worktree is gone
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "throughput_vs_commit.py"), "--base", "no-such-commit",
+                          "--", "--preset", "c10"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not a commit of this repository" in bad.stderr.splitlines()[-1]
