@@ -485,7 +485,11 @@ def tables(out_dir: str, tag: str) -> str:
         seen(result)
         for pair, row in result["pairs"].items():
             j = row["jax"]
-            rows.append(f"| GenDD stage 2, c100 ({j['teacher']} → {j['student']}) | float32 | gendd | "
+            # the recipe's networks unless the run named others (older files name none)
+            teacher, student = j.get("teacher"), j.get("student")
+            if not teacher:
+                teacher, student = gendd_reference_step.PAIRS[pair][:2]
+            rows.append(f"| GenDD stage 2, c100 ({teacher} → {student}) | float32 | gendd | "
                         f"{result['batch']} | {fmt(j['images_per_s'], ',.0f')} | {fmt(j['step_s'], '.2f', 1e3)} | "
                         f"{fmt(j['step_flops'], '.3g')} | {fmt(j.get('mfu'), '.1%')} |")
     if rows:

@@ -329,3 +329,11 @@ def test_throughput_vs_commit_takes_turns_with_the_base_checkout(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(BENCH, "throughput_vs_commit.py"), "--base", "no-such-commit",
                           "--", "--preset", "c10"], capture_output=True, text=True)
     assert bad.returncode == 2 and "is not a commit of this repository" in bad.stderr.splitlines()[-1]
+
+
+def test_tables_read_the_committed_cpu_results():
+    """The tables come out of every committed bench/results/*-cpu.json, older files included
+    (the GenDD rows of a file from before its runs named their networks name the recipe's)."""
+    text = suite.tables(os.path.join(BENCH, "results"), "cpu")
+    assert "| GenDD stage 2, c100 (resnet110 → resnet32) | float32 | gendd | 64 |" in text
+    assert "| c10 (ResNet-32×2) | float32 | sgd_swag |" in text and "(b) EDFM latency" in text
