@@ -30,7 +30,7 @@ XLA:CPU's YNNPACK library fusions limited to reductions and dots, so the convolu
 XLA's own kernels) and with XLA's defaults, timed alternately in the same process, and the
 student's forward + backward the same way (bench/gendd_cpu_profile.md says why).
 
-All timings: medians after warm-up (utils.cost.measure_latency; PyTorch: the same rule by hand).
+All timings: medians after warm-up (utils.cost.measure_latency, PyTorch's parts too).
 """
 import argparse
 import json
@@ -191,16 +191,11 @@ def torch_parts(teacher_arch: str, student_arch: str, batch: int, rows: int, wid
 
     from tests.models import repdistiller_torch
 
-    torch.set_num_threads(os.cpu_count())
+    from utils.cost import measure_latency
 
-    def median(fn):
-        times = []
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        return float(np.median(times))
+    torch.set_num_threads(os.cpu_count())
+    # PyTorch on the CPU computes eagerly: the call's return is the end of its work
+    median = lambda fn: measure_latency(fn, warmup=warmup, repeats=repeats, jit=False)["median_s"]
 
     x = torch.rand(batch, 3, 32, 32)
     teacher = repdistiller_torch.build(teacher_arch, 100).eval()

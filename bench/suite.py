@@ -447,6 +447,12 @@ def _load(out_dir: str, key: str, tag: str) -> Optional[dict]:
         return json.load(f)
 
 
+def throughput_row(network: str, dtype: str, step: str, batch: int, images_per_s, step_s, flops, mfu) -> str:
+    """One row of the training-throughput table (a missing figure is a dash)."""
+    return (f"| {network} | {dtype} | {step} | {batch} | {fmt(images_per_s, ',.0f')} | {fmt(step_s, '.2f', 1e3)} | "
+            f"{fmt(flops, '.3g')} | {fmt(mfu, '.1%')} |")
+
+
 def tables(out_dir: str, tag: str) -> str:
     """The README's "Performance" tables (markdown), every figure read from
     `out_dir/*-<tag>.json`; a missing file leaves its rows out."""
@@ -468,18 +474,18 @@ def tables(out_dir: str, tag: str) -> str:
                 config = result["config"]
                 net = f"ResNet-{config.get('depth') or 32}×{config.get('width') or (2 if preset == 'c10' else 4)}"
                 for method, row in result["steps"].items():
-                    rows.append(f"| {preset} ({net}) | {dtype} | {method} | {config['batch']} | "
-                                f"{fmt(row['images_per_s'], ',.0f')} | {fmt(row['median_s'], '.2f', 1e3)} | "
-                                f"{fmt(row.get('flops_per_step'), '.3g')} | {fmt(row.get('mfu'), '.1%')} |")
+                    rows.append(throughput_row(f"{preset} ({net})", dtype, method, config["batch"],
+                                               row["images_per_s"], row["median_s"], row.get("flops_per_step"),
+                                               row.get("mfu")))
     for dtype in ("float32", "bfloat16"):
         result = _load(out_dir, "zoo_train" + ("-bfloat16" if dtype == "bfloat16" else ""), tag)
         if result:
             seen(result)
             for model, row in result["models"].items():
                 shape = "x".join(str(s) for s in row["input"][:2])
-                rows.append(f"| {model} {shape} (synthetic) | {dtype} | SGD step | {row['batch']} | "
-                            f"{fmt(row['images_per_s'], ',.0f')} | {fmt(row['step_ms'], '.2f')} | "
-                            f"{fmt(row['flops_per_step'], '.3g')} | {fmt(row.get('mfu'), '.1%')} |")
+                rows.append(throughput_row(f"{model} {shape} (synthetic)", dtype, "SGD step", row["batch"],
+                                           row["images_per_s"], row["step_ms"] / 1e3, row["flops_per_step"],
+                                           row.get("mfu")))
     result = _load(out_dir, "gendd_step", tag)
     if result:
         seen(result)
@@ -489,9 +495,9 @@ def tables(out_dir: str, tag: str) -> str:
             teacher, student = j.get("teacher"), j.get("student")
             if not teacher:
                 teacher, student = gendd_reference_step.PAIRS[pair][:2]
-            rows.append(f"| GenDD stage 2, c100 ({teacher} → {student}) | float32 | gendd | "
-                        f"{result['batch']} | {fmt(j['images_per_s'], ',.0f')} | {fmt(j['step_s'], '.2f', 1e3)} | "
-                        f"{fmt(j['step_flops'], '.3g')} | {fmt(j.get('mfu'), '.1%')} |")
+            rows.append(throughput_row(f"GenDD stage 2, c100 ({teacher} → {student})", "float32", "gendd",
+                                       result["batch"], j["images_per_s"], j["step_s"], j["step_flops"],
+                                       j.get("mfu")))
     if rows:
         lines += ["**Training throughput** (`throughput-*`, `zoo_train-*`, `gendd_step`; MFU against "
                   "bench/common.py's peak table: TF32 for float32, bf16 dense for bfloat16)", "",
