@@ -186,6 +186,8 @@ def generated_exports(args) -> dict:
     """Directories of generated exports: `teacher_dir` (R SWAG runs of the preset's teacher
     architecture, as sgd_swag.py exports them) and `pretrained_resnet` (a KD export of the
     EDFM preset's backbone); {key: directory}, for the configs that have those keys."""
+    import atexit
+    import shutil
     import tempfile
 
     import numpy as np
@@ -199,6 +201,7 @@ def generated_exports(args) -> dict:
     spec, num_classes = data_spec(args)
     image_shape = (args.size, args.size, 3)
     root = tempfile.mkdtemp(prefix="bench-exports-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # the benchmark's scratch, not a result
 
     def network(name):
         config, _ = preset_config(name, args, dtype="float32")

@@ -143,10 +143,12 @@ def check_teacher_ensemble(out):
 
 
 @pytest.mark.slow
-def test_accelerator_suite_smoke_writes_every_benchmark(tmp_path):
+def test_accelerator_suite_smoke_writes_every_benchmark(tmp_path, tmp_path_factory):
     """The GPU session's command with --smoke: every step ok, one summary line each, each JSON
-    named <key>-cpu.json with its figures right, the summary and the README tables written."""
-    env = dict(os.environ, PYTHON=sys.executable)
+    named <key>-cpu.json with its figures right, the summary and the README tables written, and
+    no scratch left behind."""
+    scratch = tmp_path_factory.mktemp("TMPDIR")
+    env = dict(os.environ, PYTHON=sys.executable, TMPDIR=str(scratch))
     env.pop("OUT", None)
     proc = subprocess.run(["bash", os.path.join(BENCH, "accelerator_suite.sh"), "--smoke", "--out_dir",
                            str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1500)
@@ -172,6 +174,7 @@ def test_accelerator_suite_smoke_writes_every_benchmark(tmp_path):
     tables = (tmp_path / "tables-cpu.md").read_text()
     assert f"Device: **{DEVICES} x CPU" in tables and "| c10 (ResNet-8×1) | float32 | kd | 8 |" in tables
     assert "| GenDD stage 2, c100 (resnet8 → resnet8) | float32 | gendd | 4 |" in tables
+    assert list(scratch.iterdir()) == []
 
 
 def test_suite_plan_covers_every_benchmark_and_fits_its_budget():
