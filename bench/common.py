@@ -51,6 +51,24 @@ def save(name: str, results: dict, out_dir: Optional[str] = None) -> str:
     return path
 
 
+def alternated(builds: dict, run, warmup: int, repeats: int, pause_s: float = 0.0) -> dict:
+    """{name: median seconds} of `run(build)` for each build, the builds taking turns in every
+    round, so that all of them see the same machine; `pause_s` before each turn."""
+    import time
+
+    import numpy as np
+
+    times = {name: [] for name in builds}
+    for i in range(warmup + repeats):
+        for name, build in builds.items():
+            time.sleep(pause_s)
+            start = time.perf_counter()
+            jax.block_until_ready(run(build))
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 # ------------------------------------------------------------------------- shared arguments
 # The paper's configurations: data set (pixel statistics, train size, classes) and the YAMLs
 # of the scripts whose steps are built. --depth/--width/... override them for tiny runs.

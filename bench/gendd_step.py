@@ -38,7 +38,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import common
 import gendd_reference_step  # the pairs and the checkout's check (it imports no JAX, no project)
@@ -55,20 +54,6 @@ def head_flags(args) -> list:
     """--key value flags of the head's sizes given on the command line (the YAML's otherwise)."""
     given = {key: getattr(args, key) for key in HEAD_KEYS if getattr(args, key) is not None}
     return [flag for key, value in given.items() for flag in (f"--{key}", str(value))]
-
-
-def alternated(builds: dict, run, warmup: int, repeats: int, pause_s: float = 0.0) -> dict:
-    """{name: median seconds} of `run(build)` for each build, the builds taking turns in every
-    round, so that all of them see the same machine; `pause_s` before each turn."""
-    times = {name: [] for name in builds}
-    for i in range(warmup + repeats):
-        for name, build in builds.items():
-            time.sleep(pause_s)
-            start = time.perf_counter()
-            jax.block_until_ready(run(build))
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def networks(pair: str, args) -> tuple:
@@ -128,7 +113,7 @@ def jax_parts(pair: str, args, reference=None) -> dict:
     part = lambda fn, *a: timing(jax.jit(fn, compiler_options=step_compiler_options()), *a)
     out = {"step_s": timing(call, *inputs), "step_flops": flops, "devices": mesh.size}
     if reference is not None:  # the pause: the other side's idle threads stop spinning first
-        out["alternated_with_reference"] = alternated(
+        out["alternated_with_reference"] = common.alternated(
             {"step_s": lambda: call(*inputs), "reference_step_s": reference.step}, lambda build: build(),
             warmup, repeats, pause_s=0.2)
     if cpu_options:
@@ -137,7 +122,7 @@ def jax_parts(pair: str, args, reference=None) -> dict:
             state, metrics = build(state, *inputs)
             return metrics
 
-        out["alternated_step_s"] = alternated(
+        out["alternated_step_s"] = common.alternated(
             {"default": make_train_step(run.loss_fn, run.optimizer, 0, 0.0, mesh, xla_defaults=True)
              .lower(state, *inputs).compile(), "cpu_options": compiled},
             train, warmup, repeats)
@@ -159,7 +144,7 @@ def jax_parts(pair: str, args, reference=None) -> dict:
     out["student_forward_backward_s"] = part(jax.grad(student_loss), s_params, x)
     if cpu_options:
         lowered = jax.jit(jax.grad(student_loss)).lower(s_params, x)
-        out["alternated_student_forward_backward_s"] = alternated(
+        out["alternated_student_forward_backward_s"] = common.alternated(
             {"default": lowered.compile(), "cpu_options": lowered.compile(compiler_options=CPU_STEP_OPTIONS)},
             lambda build: build(s_params, x), warmup, repeats)
 

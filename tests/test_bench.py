@@ -340,3 +340,29 @@ def test_tables_read_the_committed_cpu_results():
     text = suite.tables(os.path.join(BENCH, "results"), "cpu")
     assert "| GenDD stage 2, c100 (resnet110 → resnet32) | float32 | gendd | 64 |" in text
     assert "| c10 (ResNet-32×2) | float32 | sgd_swag |" in text and "(b) EDFM latency" in text
+
+
+def test_cpu_kernels_times_the_same_arithmetic_in_xla_and_pytorch(tmp_path):
+    """bench/cpu_kernels.py: every kernel timed in its three builds, GFLOP/s and the XLA/PyTorch
+    ratio from those times, and the builds' outputs equal (PyTorch's NCHW/OIHW laid out as
+    JAX's); a malformed --convs is refused in one line."""
+    import cpu_kernels
+
+    cpu_kernels.main(["--batch", "2", "--convs", "8x4", "4x6", "--rows", "8", "--width", "16", "--repeats", "1",
+                      "--warmup", "1", "--out", str(tmp_path)])
+    result = load(tmp_path, "cpu_kernels")
+    flops = {"conv 8x4 forward": 2 * 2 * 8 * 8 * 4 * 4 * 9, "conv 4x6 forward + gradients": 3 * 2 * 2 * 4 * 4 * 6 * 6 * 9,
+             "dense 8x16x48 (modulation) forward": 2 * 8 * 16 * 48,
+             "dense 8x16x16 (mlp) forward + gradients": 3 * 2 * 8 * 16 * 16}
+    kernels = result["kernels"]
+    assert len(kernels) == 2 * 2 + 3 and set(flops) <= set(kernels)
+    for name, row in kernels.items():
+        positive(row["xla_step_options_ms"], row["xla_defaults_ms"], row["torch_ms"])
+        assert row["xla_over_torch"] == pytest.approx(row["xla_step_options_ms"] / row["torch_ms"])
+        assert row["max_relative_difference"] < 1e-5, name
+    for name, count in flops.items():
+        for build in ("xla_step_options", "xla_defaults", "torch"):
+            assert kernels[name][f"{build}_gflops"] == pytest.approx(count / kernels[name][f"{build}_ms"] / 1e6)
+    bad = subprocess.run([sys.executable, os.path.join(BENCH, "cpu_kernels.py"), "--convs", "32by16"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--convs takes HxC" in bad.stderr.splitlines()[-1]
