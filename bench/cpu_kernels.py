@@ -19,6 +19,7 @@ builds compute the same values (max relative difference, float32).
 """
 import argparse
 import os
+from typing import Callable, NamedTuple
 
 import common
 import jax
@@ -28,6 +29,15 @@ import numpy as np
 from utils.trainer import step_compiler_options
 
 CONVS = ["32x16", "16x32", "8x64", "32x64", "16x128", "8x256"]  # res110/res32, res32x4/res8x4 stages
+
+
+class Kernel(NamedTuple):
+    jax_fn: Callable
+    inputs: tuple
+    torch_fn: Callable  # returns a tuple of tensors, like jax_fn's outputs
+    torch_inputs: tuple
+    torch_layout: Callable  # PyTorch's outputs -> NumPy arrays laid out as JAX's
+    flops: int
 
 
 def conv_nhwc(x, kernel):
@@ -62,8 +72,7 @@ def conv_layout(values):
 
 
 def kernels(args) -> dict:
-    """{name: (JAX function, its inputs, PyTorch function, its inputs, PyTorch's outputs laid out
-    as JAX's, FLOPs)}."""
+    """{name: Kernel} at the sizes of `args`."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -78,9 +87,9 @@ def kernels(args) -> dict:
         nchw = lambda a: torch.from_numpy(a.transpose(0, 3, 1, 2).copy())
         torch_inputs = (nchw(x), torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
         conv_torch = lambda x, k: torch.nn.functional.conv2d(x, k, padding=1)
-        out[f"conv {spec} forward"] = (conv_nhwc, (x, kernel), lambda *a: (conv_torch(*a),), torch_inputs,
+        out[f"conv {spec} forward"] = Kernel(conv_nhwc, (x, kernel), lambda *a: (conv_torch(*a),), torch_inputs,
                                        conv_layout, flops)
-        out[f"conv {spec} forward + gradients"] = (with_gradients(conv_nhwc), (x, kernel, cotangent),
+        out[f"conv {spec} forward + gradients"] = Kernel(with_gradients(conv_nhwc), (x, kernel, cotangent),
                                                    torch_with_gradients(conv_torch),
                                                    (*torch_inputs, nchw(cotangent)), conv_layout, 3 * flops)
     rows, w = args.rows, args.width
@@ -89,11 +98,11 @@ def kernels(args) -> dict:
     dense_torch = lambda *a: (torch.matmul(*a),)
     for name, n in (("modulation", 3 * w), ("mlp", w)):
         kernel = uniform(w, n) / np.float32(np.sqrt(w))
-        out[f"dense {rows}x{w}x{n} ({name}) forward"] = (jnp.matmul, (h, kernel), dense_torch,
+        out[f"dense {rows}x{w}x{n} ({name}) forward"] = Kernel(jnp.matmul, (h, kernel), dense_torch,
                                                         (torch_h, torch.from_numpy(kernel)), dense_layout,
                                                         2 * rows * w * n)
     mlp_kernel, cotangent = uniform(w, w) / np.float32(np.sqrt(w)), uniform(rows, w)
-    out[f"dense {rows}x{w}x{w} (mlp) forward + gradients"] = (
+    out[f"dense {rows}x{w}x{w} (mlp) forward + gradients"] = Kernel(
         with_gradients(jnp.matmul), (h, mlp_kernel, cotangent), torch_with_gradients(torch.matmul),
         (torch_h, torch.from_numpy(mlp_kernel), torch.from_numpy(cotangent)), dense_layout, 3 * 2 * rows * w * w)
     return out
@@ -123,19 +132,19 @@ def main(argv=None):
     torch.set_num_threads(os.cpu_count())
     options = step_compiler_options()
     rows = {}
-    for name, (fn, inputs, torch_fn, torch_inputs, torch_layout, flops) in kernels(args).items():
-        inputs = jax.device_put(inputs)
-        lowered = jax.jit(fn).lower(*inputs)
+    for name, kernel in kernels(args).items():
+        inputs, torch_fn, torch_inputs = jax.device_put(kernel.inputs), kernel.torch_fn, kernel.torch_inputs
+        lowered = jax.jit(kernel.jax_fn).lower(*inputs)
         step_build, default_build = lowered.compile(compiler_options=options), lowered.compile()
         builds = {"xla_step_options": lambda: step_build(*inputs), "xla_defaults": lambda: default_build(*inputs),
                   "torch": lambda: torch_fn(*torch_inputs)}
         # the pause: the threads of the build before (PyTorch's OpenMP pool spins) go idle first
         seconds = common.alternated(builds, lambda build: build(), args.warmup, args.repeats, pause_s=0.05)
         row = {f"{build}_ms": 1e3 * s for build, s in seconds.items()}
-        row.update({f"{build}_gflops": flops / s / 1e9 for build, s in seconds.items()})
+        row.update({f"{build}_gflops": kernel.flops / s / 1e9 for build, s in seconds.items()})
         row["xla_over_torch"] = seconds["xla_step_options"] / seconds["torch"]
         row["max_relative_difference"] = max_relative_difference(
-            jax.tree.leaves(step_build(*inputs)), torch_layout(torch_fn(*torch_inputs)))
+            jax.tree.leaves(step_build(*inputs)), kernel.torch_layout(torch_fn(*torch_inputs)))
         rows[name] = row
         print(f"{name:<44} XLA {row['xla_step_options_ms']:8.2f} ms (defaults {row['xla_defaults_ms']:8.2f})"
               f"  PyTorch {row['torch_ms']:8.2f} ms  XLA/PyTorch {row['xla_over_torch']:.2f}"
