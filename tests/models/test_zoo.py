@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.resnet import ResNet, ResNetOutput, resnet_from_spec, resnet_spec
+from models.resnet import ResNet, resnet_from_spec, resnet_spec
 from models.zoo import (CIFAR100_MEAN, CIFAR100_STD, build_model, canonical_arch, model_names,
                         variable_shapes, zoo_spec)
-from tests.models.torch_compare import relative_error, standardized_nchw
+from tests.models.torch_compare import assert_matches_pytorch, relative_error, standardized_nchw
 
 # Trainable parameters with 100 classes, counted from the PyTorch definitions (torch's
 # sum(p.numel() for p in model.parameters())); they agree with RepDistiller's published sizes
@@ -67,14 +67,7 @@ def test_converted_checkpoint_matches_pytorch(arch, torch, tmp_path):
     assert sidecar["model"]["arch"] == arch and sidecar["num_classes"] == 100
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) == PARAM_COUNTS[arch]
 
-    forward = jax.jit(lambda v, x: model.apply(v, x, return_features=True))
-    out = forward.lower(variables, images).compile()(variables, images)
-    with torch.no_grad():
-        torch_pooled, torch_logits = torch_model(standardized_nchw(torch, images, *NORMALIZATION))
-    assert isinstance(out, ResNetOutput) and out.logits.dtype == jnp.float32
-    assert relative_error(out.logits, torch_logits.numpy()) < RELATIVE_TOLERANCE
-    assert relative_error(out.pooled, torch_pooled.numpy()) < RELATIVE_TOLERANCE
-    np.testing.assert_allclose(np.mean(out.feature_map, axis=(1, 2)), out.pooled, rtol=1e-5, atol=1e-6)
+    assert_matches_pytorch(torch, model, variables, torch_model, images, NORMALIZATION, RELATIVE_TOLERANCE)
 
 
 def test_spec_round_trip_through_json():

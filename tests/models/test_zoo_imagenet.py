@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.resnet import ResNetOutput, resnet_from_spec, resnet_spec
+from models.resnet import resnet_from_spec, resnet_spec
 from models.zoo import build_model, canonical_arch, model_names, variable_shapes
 from models.zoo.resnet_imagenet import IMAGENET_DATA_NAME, IMAGENET_MEAN, IMAGENET_STD
 from tests.models.test_zoo import PARAM_COUNTS as CIFAR_PARAM_COUNTS
-from tests.models.torch_compare import relative_error, standardized_nchw
+from tests.models.torch_compare import assert_matches_pytorch, standardized_nchw
 
 # Trainable parameters with 1000 classes: torchvision's published counts (resnet18 ... resnext101_32x8d),
 # the standard MobileNetV1's 4.2M, and GenDD's ImageNet-LT teacher resnext101_32x4d; the PyTorch
@@ -55,17 +55,6 @@ def random_torch_model(torch, arch: str, size: int):
     return damp_residual_branches(model), images
 
 
-def assert_matches(torch, model, variables, torch_model, images):
-    forward = jax.jit(lambda v, x: model.apply(v, x, return_features=True))
-    out = forward.lower(variables, images).compile()(variables, images)
-    with torch.no_grad():
-        torch_pooled, torch_logits = torch_model(standardized_nchw(torch, images, *NORMALIZATION))
-    assert isinstance(out, ResNetOutput) and out.logits.dtype == jnp.float32
-    assert relative_error(out.logits, torch_logits.numpy()) < RELATIVE_TOLERANCE
-    assert relative_error(out.pooled, torch_pooled.numpy()) < RELATIVE_TOLERANCE
-    np.testing.assert_allclose(np.mean(out.feature_map, axis=(1, 2)), out.pooled, rtol=1e-5, atol=1e-6)
-
-
 def test_parameter_counts_pinned():
     """The members register after the CIFAR zoo, with the pinned counts (no torch needed)."""
     expected = [*CIFAR_PARAM_COUNTS, *PARAM_COUNTS]  # (the ViTs of models/zoo/beit.py follow)
@@ -93,7 +82,7 @@ def test_converted_state_dict_matches_pytorch(arch, torch, tmp_path):
     assert sidecar["model"]["arch"] == arch and sidecar["num_classes"] == 1000
     assert sidecar["data_name"] == IMAGENET_DATA_NAME and tuple(model.pixel_mean) == IMAGENET_MEAN
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) == PARAM_COUNTS[arch]
-    assert_matches(torch, model, variables, torch_model, images)
+    assert_matches_pytorch(torch, model, variables, torch_model, images, NORMALIZATION, RELATIVE_TOLERANCE)
 
 
 @pytest.mark.parametrize("arch", list(IN_MEMORY_MEMBERS))
@@ -105,7 +94,7 @@ def test_deep_members_match_pytorch(arch, torch):
     model = build_model(arch, 1000)
     variables = state_dict_to_variables(find_state_dict(torch_model.state_dict()),
                                         variable_shapes(model, IMAGE_SHAPE), arch)
-    assert_matches(torch, model, variables, torch_model, images)
+    assert_matches_pytorch(torch, model, variables, torch_model, images, NORMALIZATION, RELATIVE_TOLERANCE)
 
 
 def test_resnext101_32x4d_state_dict_fills_the_network(torch):
