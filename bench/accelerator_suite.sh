@@ -14,8 +14,9 @@
 # Its flags go to bench/suite.py unchanged, except --prepare.
 #
 # A lent GPU session (the device tool's machine has python3 with jax[cuda], flax, optax,
-# orbax-checkpoint, chex, numpy, scipy, pyyaml and tqdm, but not dm-pix or grain, and no registry):
-#   1. here:        bash bench/accelerator_suite.sh --prepare     (the wheels into .whl/,
+# orbax-checkpoint, numpy, scipy and the rest of scripts/device_env.sh's DEVICE_IMAGE_HAS, but not
+# dm-pix, grain or ott-jax, and no registry):
+#   1. here:        bash bench/accelerator_suite.sh --prepare     (DEVICE_WHEELS into .whl/,
 #                   which git ignores; uses this machine's pip and PyPI)
 #   2. device run:  command "bash bench/accelerator_suite.sh", carry [".whl"], timeout_s 600
 #                   (the suite keeps to --budget_s, 470 s by default, so a rerun of the failed
@@ -33,18 +34,14 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 
 PY=${PYTHON:-python3}
-# The dependencies of the benchmarks the GPU image lacks: dm-pix (data/augment.py; pure Python,
-# needs chex) and grain with its own (the streaming benchmark; absl, etils, protobuf come with
-# orbax, Pillow with matplotlib).
-WHEELS=(dm-pix==0.4.5 grain==0.2.18 array_record==0.8.6 cloudpickle==3.1.3 portpicker==1.6.0)
+source scripts/device_env.sh  # the image's packages, the wheels it lacks (DEVICE_WHEELS)
 
 if [[ ${1:-} == --prepare ]]; then
     mkdir -p .whl
     exec "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp -d .whl "${WHEELS[@]}"
+        --implementation cp -d .whl "${DEVICE_WHEELS[@]}"
 fi
 
-source scripts/device_env.sh
 device_env "$PY" || exit 2
 
 export PYTHONUNBUFFERED=1
