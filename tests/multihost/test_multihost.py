@@ -1,5 +1,5 @@
-"""Two processes on 127.0.0.1 (2 CPU devices each, gloo collectives) train exactly as one
-process with 4 devices: each process feeds only its devices' rows of every global batch, from
+"""Two processes on 127.0.0.1 (2 CPU devices each, gloo collectives) train as one process with
+4 devices, to float rounding: each process feeds only its devices' rows of every global batch, from
 the data set on its devices and from a stream (each process reading only its rows)."""
 import os
 import socket
@@ -41,16 +41,27 @@ def launch(out_dir, num_processes, devices_per_process):
     return outputs
 
 
+def flat_params(run_dir, name):
+    arrays = np.load(run_dir / name)
+    return np.concatenate([arrays[key].ravel() for key in sorted(arrays.files)])
+
+
 @pytest.mark.slow
 def test_two_hosts_match_one(tmp_path):
     multi = launch(tmp_path / "multi", num_processes=2, devices_per_process=2)
     assert any("process 1 of 2: 4 devices" in out for out in multi)
-    launch(tmp_path / "single", num_processes=1, devices_per_process=4)
+    single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
+    launch(single_dir, num_processes=1, devices_per_process=4)
+    initial = flat_params(single_dir, "params_init.npz")
+    np.testing.assert_array_equal(flat_params(multi_dir, "params_init.npz"), initial)
+    # The two all-reduce in different orders (gloo across processes, in-process on one), so the
+    # parameters agree to float rounding, not bit for bit: measured against how far the 10 steps
+    # moved them (about 7e-7 of it here; a process reading another's rows moves them ~0.1 apart).
     for path in ("params.npz", "params_stream.npz"):
-        a, b = np.load(tmp_path / "multi" / path), np.load(tmp_path / "single" / path)
-        assert sorted(a.files) == sorted(b.files)
-        for name in a.files:
-            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6)
+        assert sorted(np.load(multi_dir / path).files) == sorted(np.load(single_dir / path).files)
+        single, multi = flat_params(single_dir, path), flat_params(multi_dir, path)
+        update = np.linalg.norm(single - initial)
+        assert np.linalg.norm(multi - single) < 1e-5 * update, (path, np.linalg.norm(multi - single) / update)
     # the two paths differ (the stream's transform draws), so the comparison above is not vacuous
-    a, b = np.load(tmp_path / "single" / "params.npz"), np.load(tmp_path / "single" / "params_stream.npz")
-    assert any(not np.allclose(a[name], b[name]) for name in a.files)
+    on_device, stream = flat_params(single_dir, "params.npz"), flat_params(single_dir, "params_stream.npz")
+    assert np.linalg.norm(stream - on_device) > 1e-2 * np.linalg.norm(on_device - initial)
