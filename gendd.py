@@ -20,7 +20,7 @@ Stage 2 (GenDD), per step:
     z = LayerNorm_affine(f_s)                                   # the "projector"
     target = (1 - s)·f_t + s·W[y]          (soft labels q: (1 - s)·f_t + s·qᵀW)   no gradient
     z, target = m·(z, target) + (1 - m)·(z, target)[π],  m ~ Beta(beta, beta)   (repr mixup)
-    tokens: target [B, D] -> [B·K, td] (image-major, token-minor), tiled M times -> N rows
+    tokens: target [B, D] -> [B·K, td] (image-major, token-minor), M copies of each -> N rows
     loss = mean_N diffusion loss(token | z, k) + CE(probe, y)
 The backbone learns only through the diffusion loss (via z); the CE term trains only fc_s. With
 `unsupervised: true` there is no label: no CE, fc_s frozen, soft labels q = softmax(teacher).
@@ -41,6 +41,9 @@ Departures from the reference (spec §9), on purpose:
 - [Q6] the best checkpoint (exported) is selected on validation data, never on the test set.
 - The network standardizes its input with the data set's registered pixel statistics (CIFAR:
   (0.49, 0.48, 0.44)/(0.2, 0.2, 0.2)), not the reference's CIFAR-100 constants.
+- The N = B·M·K diffusion rows are ordered image-major (each image's M copies of its K tokens
+  together), not the B·K block tiled M times: the same rows and loss, and the row axis then
+  shards with the batch (with the tiled order every device ran the whole head).
 - Optional, off by default: `x0_clip` clips x̂0 at every sampling step (the reference never
   clips; after short training its first respaced step multiplies ε̂'s error by ~300).
 Kept as in the reference: per-row condition dropout with a zero null condition [Q4], the
@@ -236,18 +239,20 @@ def merge_tokens(tokens, num_tokens: int):
 
 
 def diffusion_rows(target, z, mask, token_dim: int, mul: int):
-    """The N = M·B·K diffusion rows of a batch (spec §2).
+    """The N = B·M·K diffusion rows of a batch (spec §2, in another order).
 
-    Returns x0 [N, td], cond [N, d_s], token ids [N] and the row mask [N]: rows image-major and
-    token-minor within a block of B·K, the block tiled M times along the batch.
+    Returns x0 [N, td], cond [N, d_s], token ids [N] and the row mask [N], image-major: image b's
+    M copies of its K tokens are rows b·M·K to (b+1)·M·K − 1 (copy-major, token-minor). The
+    reference tiles the whole B·K block M times instead. The rows are the same and each draws its
+    own timestep and noise, so the loss is too; in this order a device's images keep their rows,
+    where with the tiled order XLA ran the whole head (most of the step) on every device of a
+    data-parallel mesh.
     """
     num_tokens = target.shape[-1] // token_dim
-    x0 = split_tokens(target, token_dim)
-    cond = jnp.repeat(z, num_tokens, axis=0)
-    token_ids = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), target.shape[0])
-    row_mask = jnp.repeat(mask, num_tokens, axis=0)
-    tile = lambda a: jnp.tile(a, (mul,) + (1,) * (a.ndim - 1))
-    return tile(x0), tile(cond), tile(token_ids), tile(row_mask)
+    image_rows = lambda a: jnp.repeat(a, mul * num_tokens, axis=0)  # [B, ...] -> [B·M·K, ...]
+    x0 = split_tokens(jnp.repeat(target, mul, axis=0), token_dim)
+    token_ids = jnp.tile(jnp.arange(num_tokens, dtype=jnp.int32), target.shape[0] * mul)
+    return x0, image_rows(z), token_ids, image_rows(mask)
 
 
 def sample_features(head: DiffusionMLP, head_params, sampler, key, z, *, num_samples: int,

@@ -63,12 +63,12 @@ def test_token_split_merge_and_diffusion_rows():
     x0, cond, ids, row_mask = gendd.diffusion_rows(target, z, mask, td, mul)
     n = mul * b * k
     assert x0.shape == (n, td) and cond.shape == (n, ds) and ids.shape == (n,)
-    for m in range(mul):  # the (B*K) block tiled M times
-        block = slice(m * b * k, (m + 1) * b * k)
-        np.testing.assert_array_equal(x0[block], tokens)
-        np.testing.assert_array_equal(ids[block], np.tile(np.arange(k), b))
-        np.testing.assert_array_equal(cond[block], np.repeat(z, k, axis=0))
-        np.testing.assert_array_equal(row_mask[block], np.repeat(mask, k))
+    for i in range(b):  # image-major: image i's M copies of its K tokens, together
+        rows = slice(i * mul * k, (i + 1) * mul * k)
+        np.testing.assert_array_equal(x0[rows], np.tile(tokens[i * k:(i + 1) * k], (mul, 1)))
+        np.testing.assert_array_equal(ids[rows], np.tile(np.arange(k), mul))
+        np.testing.assert_array_equal(cond[rows], np.broadcast_to(z[i], (mul * k, ds)))
+        np.testing.assert_array_equal(row_mask[rows], np.full(mul * k, mask[i]))
 
 
 def test_repr_mixup_one_lambda_and_permutation_for_both():
@@ -359,14 +359,14 @@ class _TinyNet(nn.Module):
         return ResNetOutput(logits, pooled, x) if return_features else logits
 
 
-def _tiny_stage2():
+def _tiny_stage2(head_width=8):
     """(student, teacher, head, params, student state, frozen) of a tiny stage 2: 16-d student,
     32-d teacher (2 tokens of 16), the head's zero-initialised layers as initialised."""
     student, teacher = _TinyNet(16), _TinyNet(32)
     x = jnp.zeros((2, 28, 28, 1))
     s_vars = dict(student.init(jax.random.key(0), x))
     t_vars = teacher.init(jax.random.key(1), x)
-    head = gendd.DiffusionMLP(token_dim=16, num_tokens=2, width=8, depth=1, cond_drop_prob=0.2)
+    head = gendd.DiffusionMLP(token_dim=16, num_tokens=2, width=head_width, depth=1, cond_drop_prob=0.2)
     params = {"student": s_vars.pop("params"),
               "projector": {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
               "head": head.init(jax.random.key(2), jnp.zeros((1, 16)), jnp.zeros((1,), jnp.int32),
@@ -437,3 +437,35 @@ def test_stage2_takes_a_streamed_batch_and_its_soft_labels():
                  + 0.5 * jax.nn.one_hot(labels[::-1], 10)})
     assert mixed["diff_loss"] != one_hot["diff_loss"] and mixed["probe_nll"] != one_hot["probe_nll"]
     assert mixed["probe_acc"] == one_hot["probe_acc"]  # accuracy stays against the hard labels
+
+
+def test_stage2_step_splits_the_diffusion_rows_across_devices():
+    """On a data-parallel mesh each device runs the diffusion head on its own images' rows only:
+    the training step's per-device FLOPs halve from one device to two (the head is most of them
+    here: 0.50x). With the reference's row order (the B·K block tiled M times) XLA ran every row
+    on every device: 1.00x."""
+    from utils.cost import xla_flops
+    from utils.trainer import (TrainState, batch_sharded, make_train_step, put_replicated, replicated,
+                               to_global)
+
+    student, teacher, head, params, s_vars, frozen = _tiny_stage2(head_width=128)
+    config = gendd.GenDDConfig(teacher_dir="x", token_dim=16, diffusion_batch_mul=8,
+                               crop_padding=0, flip=False)
+    loss_fn = gendd.make_stage2_loss_fn(student, teacher, head, gendd.gd.make_cosine_diffusion(50),
+                                        config)
+    optimizer = optax.sgd(0.1)
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (16, 28, 28, 1)).astype(np.uint8), np.arange(16) % 10
+
+    def per_device_flops(num_devices):
+        mesh = make_mesh(jax.devices()[:num_devices])
+        step = make_train_step(loss_fn, optimizer, 0, 0.0, mesh)
+        state = put_replicated(TrainState.create(params, optimizer, s_vars), mesh)
+        args = (put_replicated(frozen, mesh), to_global(images, replicated(mesh)),
+                to_global(labels.astype(np.int32), replicated(mesh)),
+                to_global(np.arange(8, dtype=np.int32), batch_sharded(mesh)),
+                to_global(np.ones(8, bool), batch_sharded(mesh)))
+        return xla_flops(step, state, *args).flops
+
+    one, two = per_device_flops(1), per_device_flops(2)
+    assert two < 0.6 * one, two / one
