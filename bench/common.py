@@ -291,18 +291,16 @@ def time_step(bench: StepBench, compiled, repeats: int, warmup: int) -> dict:
     return summary(measure_latency(call, repeats=repeats, warmup=warmup, jit=False))
 
 
-def step_flops(bench: StepBench, compiled=None) -> dict:
-    """FLOPs of one step from XLA's cost analysis (utils.cost.xla_flops: every iteration of
-    scans such as the teachers' lax.map on CPU and RandAugment's layers counted; donation does
-    not apply there).
-    XLA analyses the per-device program of the data-parallel step: the step's total is that
-    times the number of devices. `compiled`: compile_step's program, so the step is not compiled
-    a second time."""
+def step_flops(bench: StepBench) -> dict:
+    """FLOPs of one step from XLA's cost analysis (utils.cost.xla_flops: the lowered program's
+    arithmetic at the global batch, every iteration of scans such as the teachers' lax.map on CPU
+    and RandAugment's layers counted); per device, that over the devices of the data-parallel
+    step."""
     from utils.cost import xla_flops
 
-    count = xla_flops(bench.step, bench.state, *bench.args, compiled=compiled)
-    return {"flops_per_step": count.flops * bench.mesh.size,
-            "flops_per_device_step": count.flops, "flops_exact_loops": count.exact_loops}
+    count = xla_flops(bench.step, bench.state, *bench.args)
+    return {"flops_per_step": count.flops, "flops_per_device_step": count.flops / bench.mesh.size,
+            "flops_exact_loops": count.exact_loops}
 
 
 def summary(timing: dict) -> dict:

@@ -46,7 +46,7 @@ def main(argv=None):
         row = {"batch": bench.batch_size, "devices": bench.mesh.size, **timing,
                "images_per_s": bench.batch_size / timing["median_s"]}
         if not args.skip_flops:
-            row.update(common.step_flops(bench, compiled))
+            row.update(common.step_flops(bench))
             row["achieved_flops_per_s"] = row["flops_per_step"] / timing["median_s"]
             row["mfu"] = common.ratio(row["achieved_flops_per_s"],
                                       peak * bench.mesh.size if peak else None)

@@ -45,7 +45,7 @@ def measure(name: str, batch: int, repeats: int, warmup: int) -> dict:
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])
     forward = jax.jit(lambda v, x: model.apply(v, x))
     compiled = forward.lower(variables, images).compile()
-    flops = xla_flops(forward, variables, images, compiled=compiled)
+    flops = xla_flops(forward, variables, images)
     latency = measure_latency(compiled, variables, images, warmup=warmup, repeats=repeats, jit=False)
     return {"input": list(shape), "classes": model.num_classes,
             "params": count_params(variables["params"]),
@@ -87,7 +87,7 @@ def measure_train(name: str, batch: int, repeats: int, warmup: int, dtype: str,
     state = (params, others, optimizer.init(params))
     jitted = jax.jit(step, donate_argnums=0)
     compiled = jitted.lower(state, images, labels).compile()
-    flops = xla_flops(step, state, images, labels, compiled=compiled).flops
+    flops = xla_flops(step, state, images, labels).flops
 
     def call(_images, _labels):  # the donated state threaded through the calls, as in training
         nonlocal state

@@ -40,6 +40,35 @@ def test_xla_flops_counts_every_loop_iteration():
     assert cost.xla_flops(looped, w, x, count_loops=False).flops < expected / 3  # XLA alone
 
 
+def test_xla_flops_of_a_sharded_loop_count_the_whole_batch():
+    """A lax.map over members on a batch sharded over 2 devices counts what one device does for
+    the whole batch (the lowered program's global arithmetic, loop iterations included)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    w, x = np.ones((6, 16, 32), np.float32), np.ones((8, 16), np.float32)
+    looped = lambda w, x: jax.lax.map(lambda wi: jax.nn.relu(x @ wi), w, batch_size=1)  # noqa: E731
+
+    def flops(num_devices):
+        mesh = Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
+        args = (jax.device_put(w, NamedSharding(mesh, PartitionSpec())),
+                jax.device_put(x, NamedSharding(mesh, PartitionSpec("data"))))
+        return cost.xla_flops(jax.jit(looped), *args).flops
+
+    assert flops(1) == pytest.approx(6 * 2 * 8 * 16 * 32, rel=0.05)
+    assert flops(2) == pytest.approx(flops(1), rel=1e-6)
+
+
+def test_xla_flops_count_a_draw_cut_into_leaves_once():
+    """One normal draw cut into 100 parameter leaves (as a SWAG member is drawn) costs what the
+    draw costs: the compiled program's cost analysis counted the draw once per leaf (48x)."""
+    sizes = [432, 4608, 16, 16, 16] * 20
+    whole = lambda key: 2.0 * jax.random.normal(key, (2, sum(sizes)))  # noqa: E731
+    cut = lambda key: [2.0 * leaf for leaf in jnp.split(  # noqa: E731
+        jax.random.normal(key, (2, sum(sizes))), np.cumsum(sizes)[:-1], axis=1)]
+    key = jax.random.PRNGKey(0)
+    assert cost.xla_flops(cut, key).flops == pytest.approx(cost.xla_flops(whole, key).flops, rel=0.02)
+
+
 @pytest.mark.parametrize("unroll", [1, 3, 5])
 def test_xla_flops_of_a_long_nested_scan(unroll):
     """An ODE-like scan with a carry, reversed, inside a jit and a map over 3 members: every

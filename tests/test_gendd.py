@@ -444,7 +444,6 @@ def test_stage2_step_splits_the_diffusion_rows_across_devices():
     the training step's per-device FLOPs halve from one device to two (the head is most of them
     here: 0.50x). With the reference's row order (the B·K block tiled M times) XLA ran every row
     on every device: 1.00x."""
-    from utils.cost import xla_flops
     from utils.trainer import (TrainState, batch_sharded, make_train_step, put_replicated, replicated,
                                to_global)
 
@@ -465,7 +464,7 @@ def test_stage2_step_splits_the_diffusion_rows_across_devices():
                 to_global(labels.astype(np.int32), replicated(mesh)),
                 to_global(np.arange(8, dtype=np.int32), batch_sharded(mesh)),
                 to_global(np.ones(8, bool), batch_sharded(mesh)))
-        return xla_flops(step, state, *args).flops
+        return step.lower(state, *args).compile().cost_analysis()["flops"]  # one device's program
 
     one, two = per_device_flops(1), per_device_flops(2)
     assert two < 0.6 * one, two / one

@@ -4,15 +4,20 @@
     timing = measure_latency(fn, *args, repeats=10) # seconds per call, after warm-up
     cost = predictor_cost(predictor, images_u8)     # all three for a utils.predict.Predictor
 
-FLOPs come from XLA's own cost analysis of the compiled program
-(`jax.jit(fn).lower(*args).compile().cost_analysis()`). XLA counts the body of a loop once,
-whatever its trip count, so a `lax.map` over 12 ensemble members (how the teacher runs its
-members on CPU) or a `lax.scan` over 100 sampling steps would be undercounted 12x or 100x.
-`xla_flops` therefore compiles each `scan` body of the traced program on its own and adds
-(trip count x body) - (the copies XLA already counted), recursively for nested scans. That costs
-one small compile per scan, however long it runs (unrolling a 100-step sampler into straight-line
-code instead took minutes to compile). A `while_loop` has no static trip count: its body stays
-counted once and the result reports it (`dynamic_loops` > 0 means the count is a lower bound).
+FLOPs come from XLA's cost analysis of the program as jax lowers it, before XLA optimises it
+(`jax.jit(fn).lower(*args).cost_analysis()`): the arithmetic the program asks for, at its global
+shapes when it is sharded over several devices (the usual basis of MFU). Not the compiled
+program's count: XLA's fusion copies a cheap producer into each consumer, and its cost analysis
+then counts the producer's whole shape once per consumer (one normal draw cut into a network's
+100 parameter leaves counted 48x; a SWAG teacher member's draw 14 GFLOP instead of 0.15
+at ResNet-32x2), though the compiled code computes each element once.
+
+XLA counts the body of a loop once, whatever its trip count, so a `lax.map` over 12 ensemble
+members (how the teacher runs its members on CPU) or a `lax.scan` over 100 sampling steps would
+be undercounted 12x or 100x. `xla_flops` therefore lowers each `scan` body of the traced program
+on its own and adds (trip count x body) - (the copies XLA already counted), recursively for
+nested scans. A `while_loop` has no static trip count: its body stays counted once and the
+result reports it (`dynamic_loops` > 0 means the count is a lower bound).
 
 Latency is wall-clock time of one compiled call after warm-up, each call ended by
 `block_until_ready`, summarised by the median of several repeats (spec §8: the reference timed
@@ -43,7 +48,7 @@ _DYNAMIC_LOOPS = ("while",)
 @dataclasses.dataclass
 class FlopCount:
     flops: float  # floating-point operations of one call
-    bytes_accessed: float
+    bytes_accessed: float  # before fusion: every operation's inputs and outputs
     scans_counted: int = 0  # scans whose body was counted trip-count times
     scans_kept: int = 0  # scans inside a while/cond: their body counted once, as XLA does
     dynamic_loops: int = 0  # while loops: body counted once
@@ -63,14 +68,14 @@ def _sum_cost(analysis, key: str) -> float:
     return float(sum(values)) if values else float("nan")
 
 
-def _xla_count(compiled) -> FlopCount:
-    analysis = compiled.cost_analysis()
+def _xla_count(lowered) -> FlopCount:
+    analysis = lowered.cost_analysis()
     return FlopCount(_sum_cost(analysis, "flops"), _sum_cost(analysis, "bytes accessed"))
 
 
-def _compile_body(closed: jcore.ClosedJaxpr):
+def _lower_body(closed: jcore.ClosedJaxpr):
     args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
-    return jax.jit(jcore.jaxpr_as_fun(closed)).lower(*args).compile()
+    return jax.jit(jcore.jaxpr_as_fun(closed)).lower(*args)
 
 
 def _closed(param) -> jcore.ClosedJaxpr:
@@ -113,7 +118,7 @@ def _add_loop_iterations(jaxpr, count: FlopCount) -> FlopCount:
     """`count` (XLA's count of `jaxpr`) with every scan body counted trip-count times."""
     for eqn in _scans(jaxpr, count):
         body = _closed(eqn.params["jaxpr"])
-        body_once = _xla_count(_compile_body(body))
+        body_once = _xla_count(_lower_body(body))
         body_all = _add_loop_iterations(body.jaxpr, dataclasses.replace(body_once))
         length = eqn.params["length"]
         copies = _copies_counted_by_xla(length, int(eqn.params.get("unroll", 1)))
@@ -125,13 +130,12 @@ def _add_loop_iterations(jaxpr, count: FlopCount) -> FlopCount:
     return count
 
 
-def xla_flops(fn: Callable, *args, count_loops: bool = True, compiled=None) -> FlopCount:
-    """FLOPs of one call of `fn(*args)` from XLA's cost analysis of the compiled program, each
-    scan's body counted as many times as it runs (`count_loops=False`: what XLA alone says).
-    `compiled`: `jax.jit(fn).lower(*args).compile()` when the caller already has it."""
+def xla_flops(fn: Callable, *args, count_loops: bool = True) -> FlopCount:
+    """FLOPs of one call of `fn(*args)` from XLA's cost analysis of the lowered program (all
+    devices together when it is sharded), each scan's body counted as many times as it runs
+    (`count_loops=False`: what XLA alone says). Lowering compiles nothing."""
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)  # never a jit nested in a jit (see below)
-    compiled = compiled or jitted.lower(*args).compile()
-    count = _xla_count(compiled)
+    count = _xla_count(jitted.lower(*args))
     if not count_loops:
         return count
     # A jitted fn is traced at the top level (its own .trace): make_jaxpr would nest it, which
@@ -177,9 +181,9 @@ def predictor_cost(predictor, images_u8: np.ndarray, *, key=None, repeats: int =
 
     out = {"num_params": int(predictor.num_params), "num_members": int(predictor.num_members),
            "batch_size": batch_size}
-    compiled = jax.jit(call).lower(args, images, key).compile()  # one compile: count and timing
+    compiled = jax.jit(call).lower(args, images, key).compile()
     if flops:
-        count = xla_flops(call, args, images, key, compiled=compiled)
+        count = xla_flops(call, args, images, key)
         out.update(flops_per_input=count.flops / batch_size, flops_per_batch=count.flops,
                    flops_exact_loops=count.exact_loops, scans_counted=count.scans_counted,
                    dynamic_loops=count.dynamic_loops + count.scans_kept)
