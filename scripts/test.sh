@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: set up .venv/ if needed, lint (ruff, pyproject's rule set), then run the whole
-# suite (CPU, 12-16 min on 2 cores: README, *Quick start*; `scripts/test.sh -m "not slow"` skips
+# suite (CPU, 10-16 min on 2 cores: README, *Quick start*; `scripts/test.sh -m "not slow"` skips
 # the end-to-end runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
