@@ -73,14 +73,14 @@ def alternated(builds: dict, run, warmup: int, repeats: int, pause_s: float = 0.
 # The paper's configurations: data set (pixel statistics, train size, classes) and the YAMLs
 # of the scripts whose steps are built. --depth/--width/... override them for tiny runs.
 PRESETS = {
-    "c10": {"data": "CIFAR10_x32", "sgd_swag": "config/teacher/c10_frnrelu_sgd_swag.yaml",
-            "kd": "config/distillation/kd_c10_frnrelu.yaml",
-            "edfm": "config/distillation/edfm_c10_frnrelu.yaml"},
-    "c100": {"data": "CIFAR100_x32", "sgd_swag": "config/teacher/c100_frnrelu_sgd_swag.yaml",
-             "kd": "config/distillation/kd_c100_frnrelu.yaml",
-             "edfm": "config/distillation/edfm_c100_frnrelu.yaml"},
+    preset: {"data": data, "sgd_swag": f"config/teacher/{preset}_frnrelu_sgd_swag.yaml",
+             **{method: f"config/distillation/{name}_{preset}_frnrelu.yaml"
+                for method, name in (("kd", "kd"), ("endd", "endd"), ("fed", "fed"), ("hydra", "hydra"),
+                                     ("edfm", "edfm"))}}
+    for preset, data in (("c10", "CIFAR10_x32"), ("c100", "CIFAR100_x32"))
 }
-METHODS = ("sgd_swag", "kd", "edfm")  # the steps a preset names (its config files above)
+# the steps a preset names (its config files above): the teachers' and every ensemble method's
+METHODS = ("sgd_swag", "kd", "endd", "fed", "hydra", "edfm")
 
 
 def add_run_args(parser: argparse.ArgumentParser):
@@ -245,7 +245,7 @@ def generated_exports(args) -> dict:
 
 
 def build_step(name: str, args, mesh=None) -> StepBench:
-    """The train step of the preset's `name` config (sgd_swag | kd | edfm): one call of the
+    """The train step of the preset's `name` config (one of METHODS): one call of the
     build() of the method that reads it (the registry), as its script runs it."""
     import numpy as np
 

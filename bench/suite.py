@@ -91,7 +91,7 @@ class Step:
 
 # ---------------------------------------------------------------------------------- the plan
 IMAGENET_MODELS = ("resnet18", "resnet50")
-METHODS = ("sgd_swag", "kd", "edfm")
+METHODS = ("sgd_swag", "kd", "edfm")  # the GPU targets' steps (bench/throughput.py has every method's)
 # Tiny sizes (as the tests always ran them): ResNet-8x1, 16x16 images, batch 8, 2 teacher runs.
 SMOKE_SIZES = ["--depth", "8", "--width", "1", "--batch", "8", "--size", "16", "--teacher_runs", "2"]
 SMOKE_TRAIN = SMOKE_SIZES + ["--num_images", "16", "--num_teachers", "1"]
@@ -123,7 +123,8 @@ def accelerator_steps() -> list:
         for dtype in ("float32", "bfloat16"):
             argv = ["--preset", preset, "--batch", "128", "--dtype", dtype]
             key = f"throughput-{preset}" + ("-bfloat16" if dtype == "bfloat16" else "")
-            throughput[key] = Step(key, "throughput.py", argv + ["--repeats", "20", "--warmup", "3"], 40,
+            throughput[key] = Step(key, "throughput.py", argv + ["--methods", *METHODS, "--repeats", "20",
+                                                                 "--warmup", "3"], 40,
                                    [_timing_once(argv + ["--methods", m]) for m in METHODS])
     edfm = ["--preset", "c10", "--batch", "128", "--members", "32", "--teacher_members", "30"]
     edfm_latency = Step("edfm_latency-c10", "edfm_latency.py", edfm + ["--repeats", "20", "--warmup", "3"],
@@ -151,7 +152,8 @@ def accelerator_steps() -> list:
     memory = []
     for dtype in ("float32", "bfloat16"):  # the steps throughput compiled: loaded from the cache
         suffix = "-bfloat16" if dtype == "bfloat16" else ""
-        memory.append(Step("memory-c10" + suffix, "memory.py", ["--preset", "c10", "--batch", "128", "--dtype", dtype],
+        memory.append(Step("memory-c10" + suffix, "memory.py", ["--preset", "c10", "--batch", "128", "--dtype", dtype,
+                                                                "--methods", *METHODS],
                            45, after=("throughput-c10" + suffix,)))
     ensemble = ["--members", "30", "--batch", "256", "--depth", "32", "--width", "2"]
     teacher_ensemble = Step("teacher_ensemble", "teacher_ensemble.py", ensemble + ["--repeats", "10"], 25,

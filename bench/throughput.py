@@ -1,6 +1,7 @@
-"""(a) Training throughput of the real train steps of sgd_swag.py, kd_and_endd.py (KD), edfm.py.
+"""(a) Training throughput of the real train steps of sgd_swag.py, kd_and_endd.py (KD and
+ProxyEnDD), fed.py, hydra.py and edfm.py.
 
-    python bench/throughput.py --preset c10 [--dtype bfloat16] [--methods sgd_swag kd edfm]
+    python bench/throughput.py --preset c10 [--dtype bfloat16] [--methods sgd_swag kd endd fed hydra edfm]
     python bench/throughput.py --preset c100
     python bench/throughput.py --depth 8 --width 1 --batch 8 --size 16 --num_images 64 \
         --num_teachers 2 --repeats 2          # a tiny smoke run
@@ -10,8 +11,10 @@ the preset's YAML, its make_loss_fn and optimizer, utils.trainer.make_train_step
 all devices, a generated uint8 training set on the devices, generated MultiSWAG teacher moments)
 and timed as the Trainer calls it, with the donated state threaded through the calls.
 Presets: c10 = ResNet-32x2 FRN-Swish, 10 classes; c100 = ResNet-32x4, 100 classes; 32x32x3
-images, batch 128; KD draws the config's 30 teacher members per step, EDFM one member plus the
-frozen backbone (the same ResNet) and trains an AdaLN MLP head.
+images, batch 128 (--batch); KD and ProxyEnDD draw the config's 30 teacher members per step,
+FED 8 (and its student runs each image with 8 noise draws), Hydra one member per head (8 heads
+on a shared body), EDFM one member plus the frozen backbone (the same ResNet) and trains an
+AdaLN MLP head.
 
 Reading the output, per method: `median_s` seconds per step (median over --repeats, after
 warm-up, each call ended by block_until_ready), `images_per_s` = batch / median_s,
