@@ -74,9 +74,8 @@ def alternated(builds: dict, run, warmup: int, repeats: int, pause_s: float = 0.
 # of the scripts whose steps are built. --depth/--width/... override them for tiny runs.
 PRESETS = {
     preset: {"data": data, "sgd_swag": f"config/teacher/{preset}_frnrelu_sgd_swag.yaml",
-             **{method: f"config/distillation/{name}_{preset}_frnrelu.yaml"
-                for method, name in (("kd", "kd"), ("endd", "endd"), ("fed", "fed"), ("hydra", "hydra"),
-                                     ("edfm", "edfm"))}}
+             **{method: f"config/distillation/{method}_{preset}_frnrelu.yaml"
+                for method in ("kd", "endd", "fed", "hydra", "edfm")}}
     for preset, data in (("c10", "CIFAR10_x32"), ("c100", "CIFAR100_x32"))
 }
 # the steps a preset names (its config files above): the teachers' and every ensemble method's
@@ -249,8 +248,7 @@ def build_step(name: str, args, mesh=None) -> StepBench:
     build() of the method that reads it (the registry), as its script runs it."""
     import numpy as np
 
-    from utils.trainer import (batch_sharded, make_mesh, make_train_step, put_replicated,
-                               replicated, to_global)
+    from utils.trainer import device_step_inputs, make_mesh, make_train_step, put_replicated
 
     mesh = make_mesh() if mesh is None else mesh
     spec, _ = data_spec(args)
@@ -263,13 +261,9 @@ def build_step(name: str, args, mesh=None) -> StepBench:
     dataset = generated_dataset(args, num_images)
     run = method.build(config, dataset)
     step = make_train_step(run.loss_fn, run.optimizer, config.seed, run.ema_decay, mesh)
-    # Placed as Trainer.fit places them: state, frozen and the uint8 set replicated, the
-    # batch's indices and mask sharded along `data`.
-    indices = np.random.default_rng(0).permutation(num_images)[:config.optim_bs].astype(np.int32)
-    placed = (put_replicated(run.frozen, mesh), to_global(dataset.train.images, replicated(mesh)),
-              to_global(dataset.train.labels, replicated(mesh)),
-              to_global(indices, batch_sharded(mesh)),
-              to_global(np.ones(config.optim_bs, bool), batch_sharded(mesh)))
+    indices = np.random.default_rng(0).permutation(num_images)[:config.optim_bs]
+    placed = device_step_inputs(run.frozen, dataset.train.images, dataset.train.labels, indices,
+                                np.ones(config.optim_bs, bool), mesh)
     return StepBench(name, step, put_replicated(run.state, mesh), placed, config, mesh,
                      config.optim_bs)
 

@@ -72,8 +72,8 @@ def jax_parts(pair: str, args, reference=None) -> dict:
     from utils.checkpoints import save_resnet
     from utils.config import parse_config
     from utils.cost import measure_latency, xla_flops
-    from utils.trainer import (CPU_STEP_OPTIONS, batch_sharded, init_variables, make_mesh, make_train_step,
-                               put_replicated, replicated, step_compiler_options, to_global)
+    from utils.trainer import (CPU_STEP_OPTIONS, device_step_inputs, init_variables, make_mesh, make_train_step,
+                               put_replicated, step_compiler_options)
 
     teacher_arch, student_arch = networks(pair, args)
     batch, repeats, warmup, cpu_options = args.batch, args.repeats, args.warmup, args.cpu_options
@@ -95,9 +95,7 @@ def jax_parts(pair: str, args, reference=None) -> dict:
     mesh = make_mesh()
     step = make_train_step(run.loss_fn, run.optimizer, 0, 0.0, mesh)
     state = put_replicated(run.state, mesh)
-    inputs = (put_replicated(run.frozen, mesh), to_global(images, replicated(mesh)),
-            to_global(labels, replicated(mesh)), to_global(np.arange(batch, dtype=np.int32), batch_sharded(mesh)),
-            to_global(np.ones(batch, bool), batch_sharded(mesh)))
+    inputs = device_step_inputs(run.frozen, images, labels, np.arange(batch), np.ones(batch, bool), mesh)
     compiled = step.lower(state, *inputs).compile()
     flops = xla_flops(step, state, *inputs).flops  # the whole batch's, all devices together
 

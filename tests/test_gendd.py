@@ -444,8 +444,8 @@ def test_stage2_step_splits_the_diffusion_rows_across_devices():
     the training step's per-device FLOPs halve from one device to two (the head is most of them
     here: 0.50x). With the reference's row order (the B·K block tiled M times) XLA ran every row
     on every device: 1.00x."""
-    from utils.trainer import (TrainState, batch_sharded, make_train_step, put_replicated, replicated,
-                               to_global)
+    from utils.cost import compiled_flops
+    from utils.trainer import TrainState, device_step_inputs, make_train_step, put_replicated
 
     student, teacher, head, params, s_vars, frozen = _tiny_stage2(head_width=128)
     config = gendd.GenDDConfig(teacher_dir="x", token_dim=16, diffusion_batch_mul=8,
@@ -460,11 +460,8 @@ def test_stage2_step_splits_the_diffusion_rows_across_devices():
         mesh = make_mesh(jax.devices()[:num_devices])
         step = make_train_step(loss_fn, optimizer, 0, 0.0, mesh)
         state = put_replicated(TrainState.create(params, optimizer, s_vars), mesh)
-        args = (put_replicated(frozen, mesh), to_global(images, replicated(mesh)),
-                to_global(labels.astype(np.int32), replicated(mesh)),
-                to_global(np.arange(8, dtype=np.int32), batch_sharded(mesh)),
-                to_global(np.ones(8, bool), batch_sharded(mesh)))
-        return step.lower(state, *args).compile().cost_analysis()["flops"]  # one device's program
+        args = device_step_inputs(frozen, images, labels, np.arange(8), np.ones(8, bool), mesh)
+        return compiled_flops(step.lower(state, *args).compile())
 
     one, two = per_device_flops(1), per_device_flops(2)
     assert two < 0.6 * one, two / one

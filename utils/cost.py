@@ -68,6 +68,12 @@ def _sum_cost(analysis, key: str) -> float:
     return float(sum(values)) if values else float("nan")
 
 
+def compiled_flops(compiled) -> float:
+    """XLA's count of a compiled program: one device's part when it is sharded, so comparing it
+    on one device and on two shows work every device repeats. Fusion inflates it (see above)."""
+    return _sum_cost(compiled.cost_analysis(), "flops")
+
+
 def _xla_count(lowered) -> FlopCount:
     analysis = lowered.cost_analysis()
     return FlopCount(_sum_cost(analysis, "flops"), _sum_cost(analysis, "bytes accessed"))

@@ -106,6 +106,15 @@ def put_replicated(tree, mesh):
     return jax.tree.map(lambda x: to_global(np.asarray(x), replicated(mesh)), tree)
 
 
+def device_step_inputs(frozen, images, labels, indices, mask, mesh) -> tuple:
+    """One on-device training step's inputs after the state, placed as Trainer.fit places them:
+    `frozen` and the uint8 training set replicated, the batch's indices and mask along `data`."""
+    return (put_replicated(frozen, mesh), to_global(images, replicated(mesh)),
+            to_global(np.asarray(labels, np.int32), replicated(mesh)),
+            to_global(np.asarray(indices, np.int32), batch_sharded(mesh)),
+            to_global(np.asarray(mask, bool), batch_sharded(mesh)))
+
+
 def masked_mean(values, mask):
     mask = mask.astype(jnp.float32)
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
